@@ -1,0 +1,269 @@
+"""The forward process and the conversions between parameterizations, as pure functions.
+
+Shapes: ``x0``, ``x_t``, ``noise`` are ``[B, ...]`` (images ``[B, H, W, C]``); ``t`` is ``[B]``.
+Integer ``t`` in ``{0..T-1}`` indexes the schedule; float ``t`` on the same ``[0, T-1]`` scale is
+accepted where noted and is evaluated by linear interpolation of the log-SNR (so samplers
+can visit fractional times); ``t = -1`` means "no noise" (``abar = 1``).
+
+For a variance-exploding schedule (``schedule.kind == "ve"``) ``x_t`` is in the VE coordinates
+``x_0 + sigma_t eps``; every function here maps it to the equivalent VP coordinates
+``sqrt(abar_t) x_t`` internally, so all formulas are those of the VP process.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.schedules import Schedule
+
+__all__ = [
+    "PREDICTIONS",
+    "alpha_sigma",
+    "q_sample",
+    "q_mean_variance",
+    "q_posterior",
+    "x0_from_eps",
+    "eps_from_x0",
+    "v_from_x0_eps",
+    "x0_eps_from_v",
+    "score_from_eps",
+    "eps_from_score",
+    "x0_eps_from_prediction",
+    "prediction_target",
+    "prior_kl",
+    "normal_kl",
+    "to_vp",
+    "from_vp",
+]
+
+PREDICTIONS = ("epsilon", "x0", "v", "score")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    return prediction
+
+
+def check_t(t, x, name: str = "x") -> jax.Array:
+    """``t`` must be a ``[B]`` array matching ``x.shape[0]``; returns it as an array."""
+    t = jnp.asarray(t)
+    if t.ndim != 1:
+        raise ValueError(f"t must have shape [B], got shape {t.shape} (with {name}.shape={x.shape})")
+    if x.ndim < 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"t has shape {t.shape} but {name} has shape {x.shape}: t must be [B] = [{name}.shape[0]]")
+    return t
+
+
+def check_same_shape(a, b, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {a.shape} and {b.shape}")
+    if a.dtype != b.dtype and not (jnp.issubdtype(a.dtype, jnp.floating) and jnp.issubdtype(b.dtype, jnp.floating)):
+        raise ValueError(f"{name_a} and {name_b} must both be floating, got {a.dtype} and {b.dtype}")
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"{name_a} must be a floating array, got dtype {a.dtype}")
+
+
+# --------------------------------------------------------------------------- coefficients
+
+
+def _bcast(c: jax.Array, x: jax.Array) -> jax.Array:
+    """[B] -> [B, 1, ..., 1] with x.ndim axes."""
+    return c.reshape(c.shape + (1,) * (x.ndim - 1))
+
+
+def _gather(arr: jax.Array, t: jax.Array) -> jax.Array:
+    return arr[jnp.clip(t, 0, arr.shape[0] - 1)]
+
+
+def alpha_sigma(schedule: Schedule, t) -> tuple[jax.Array, jax.Array]:
+    """``(sqrt(abar_t), sqrt(1 - abar_t))``, each ``[B]`` (or the shape of ``t``).
+
+    Integer ``t`` gathers the float64-derived tables; float ``t`` interpolates the log-SNR
+    linearly between neighbouring integers; ``t < 0`` gives ``(1, 0)``.
+    """
+    t = jnp.asarray(t)
+    if jnp.issubdtype(t.dtype, jnp.integer):
+        a = _gather(schedule.sqrt_alphas_cumprod, t)
+        s = _gather(schedule.sqrt_one_minus_alphas_cumprod, t)
+    else:
+        T = schedule.num_timesteps
+        tc = jnp.clip(t, 0.0, T - 1.0)
+        lo = jnp.floor(tc).astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, T - 1)
+        w = tc - lo
+        lam = (1.0 - w) * schedule.log_snr[lo] + w * schedule.log_snr[hi]
+        a = jnp.sqrt(jax.nn.sigmoid(lam))
+        s = jnp.sqrt(jax.nn.sigmoid(-lam))
+    neg = t < 0
+    return jnp.where(neg, 1.0, a), jnp.where(neg, 0.0, s)
+
+
+def _vp_scale(schedule: Schedule, t) -> jax.Array:
+    """[B] factor mapping model coordinates to VP coordinates (1 for VP, sqrt(abar_t) for VE)."""
+    if schedule.kind == "vp":
+        return jnp.ones(jnp.shape(t), jnp.float32)
+    return alpha_sigma(schedule, t)[0]
+
+
+def to_vp(schedule: Schedule, x_t: jax.Array, t) -> jax.Array:
+    """Maps ``x_t`` from the schedule's coordinates to the VP coordinates (identity for VP)."""
+    if schedule.kind == "vp":
+        return x_t
+    return x_t * _bcast(_vp_scale(schedule, t), x_t)
+
+
+def from_vp(schedule: Schedule, x_t: jax.Array, t) -> jax.Array:
+    """Inverse of :func:`to_vp`."""
+    if schedule.kind == "vp":
+        return x_t
+    return x_t / _bcast(_vp_scale(schedule, t), x_t)
+
+
+# --------------------------------------------------------------------------- forward process
+
+
+def q_sample(schedule: Schedule, x0: jax.Array, t, noise: jax.Array) -> jax.Array:
+    """Samples ``q(x_t | x_0)``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (VP) or ``x0 + sigma_t noise`` (VE).
+
+    Args: ``x0`` ``[B, ...]``; ``t`` ``[B]`` int (or float); ``noise`` like ``x0``.
+    Returns ``x_t`` ``[B, ...]``.
+    """
+    check_same_shape(x0, noise, "x0", "noise")
+    t = check_t(t, x0, "x0")
+    a, s = alpha_sigma(schedule, t)
+    x_vp = _bcast(a, x0) * x0 + _bcast(s, x0) * noise
+    return from_vp(schedule, x_vp, t)
+
+
+def q_mean_variance(schedule: Schedule, x0: jax.Array, t) -> tuple[jax.Array, jax.Array]:
+    """Mean ``[B, ...]`` and variance ``[B, 1, ...]`` of ``q(x_t | x_0)`` in the schedule's coordinates."""
+    t = check_t(t, x0, "x0")
+    a, s = alpha_sigma(schedule, t)
+    scale = _vp_scale(schedule, t)
+    return _bcast(a / scale, x0) * x0, _bcast((s / scale) ** 2, x0)
+
+
+def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``q(x_{t-1} | x_t, x_0)`` (Ho et al. 2020, eq. 6-7).
+
+    Returns ``(mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...])``; the
+    variance at ``t = 0`` is 0 and its log is clipped to that of ``t = 1``.
+    """
+    check_same_shape(x0, x_t, "x0", "x_t")
+    t = check_t(t, x_t, "x_t")
+    c1 = _bcast(_gather(schedule.posterior_mean_coef1, t), x_t)
+    c2 = _bcast(_gather(schedule.posterior_mean_coef2, t), x_t)
+    var = _bcast(_gather(schedule.posterior_variance, t), x_t)
+    logvar = _bcast(_gather(schedule.posterior_log_variance_clipped, t), x_t)
+    mean = c1 * x0 + c2 * to_vp(schedule, x_t, t)
+    if schedule.kind == "ve":  # back to VE coordinates at t-1
+        prev = _bcast(jnp.sqrt(_gather(schedule.alphas_cumprod_prev, t)), x_t)
+        mean, var, logvar = mean / prev, var / prev**2, logvar - 2.0 * jnp.log(prev)
+    return mean, var, logvar
+
+
+# --------------------------------------------------------------------------- parameterizations
+
+
+def x0_from_eps(schedule: Schedule, x_t, t, eps):
+    """``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)`` (VP coordinates of ``x_t``)."""
+    a, s = alpha_sigma(schedule, t)
+    return (to_vp(schedule, x_t, t) - _bcast(s, x_t) * eps) / _bcast(a, x_t)
+
+
+def eps_from_x0(schedule: Schedule, x_t, t, x0):
+    """``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
+    a, s = alpha_sigma(schedule, t)
+    return (to_vp(schedule, x_t, t) - _bcast(a, x_t) * x0) / _bcast(s, x_t)
+
+
+def v_from_x0_eps(schedule: Schedule, t, x0, eps):
+    """``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (Salimans & Ho 2022)."""
+    a, s = alpha_sigma(schedule, t)
+    return _bcast(a, x0) * eps - _bcast(s, x0) * x0
+
+
+def x0_eps_from_v(schedule: Schedule, x_t, t, v):
+    """``x0 = sqrt(abar) x_t - sqrt(1 - abar) v``, ``eps = sqrt(1 - abar) x_t + sqrt(abar) v``."""
+    a, s = alpha_sigma(schedule, t)
+    a, s, xv = _bcast(a, x_t), _bcast(s, x_t), to_vp(schedule, x_t, t)
+    return a * xv - s * v, s * xv + a * v
+
+
+def score_from_eps(schedule: Schedule, t, eps):
+    """Score of the marginal of ``x_t`` in the schedule's coordinates: ``-eps / sqrt(1 - abar)`` (VP), ``-eps / sigma_t`` (VE)."""
+    _, s = alpha_sigma(schedule, t)
+    return -eps / _bcast(s / _vp_scale(schedule, t), eps)
+
+
+def eps_from_score(schedule: Schedule, t, score):
+    """Inverse of :func:`score_from_eps`."""
+    _, s = alpha_sigma(schedule, t)
+    return -score * _bcast(s / _vp_scale(schedule, t), score)
+
+
+def x0_eps_from_prediction(schedule: Schedule, model_output, x_t, t, prediction: str = "epsilon"):
+    """Turns a network output of any parameterization into ``(x0_hat, eps_hat)``, each ``[B, ...]``."""
+    check_prediction(prediction)
+    if model_output.shape != x_t.shape:
+        raise ValueError(f"model_output has shape {model_output.shape} but x_t has shape {x_t.shape}")
+    if prediction == "epsilon":
+        return x0_from_eps(schedule, x_t, t, model_output), model_output
+    if prediction == "x0":
+        return model_output, eps_from_x0(schedule, x_t, t, model_output)
+    if prediction == "v":
+        return x0_eps_from_v(schedule, x_t, t, model_output)
+    eps = eps_from_score(schedule, t, model_output)
+    return x0_from_eps(schedule, x_t, t, eps), eps
+
+
+def prediction_target(schedule: Schedule, x0, t, noise, prediction: str = "epsilon"):
+    """The regression target for a network of the given parameterization."""
+    check_prediction(prediction)
+    if prediction == "epsilon":
+        return noise
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return v_from_x0_eps(schedule, t, x0, noise)
+    return score_from_eps(schedule, t, noise)
+
+
+# --------------------------------------------------------------------------- KL terms
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise ``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+
+
+def prior_kl(schedule: Schedule, x0: jax.Array) -> jax.Array:
+    """``L_T = KL(q(x_T | x_0) || N(0, I))`` in nats, summed over all but the batch axis: ``[B]``.
+
+    Computed in VP coordinates (for a VE schedule the prior is the equivalent
+    ``N(0, (1 + sigma_T^2) I)``; the KL is invariant to the common scaling).
+    """
+    T = schedule.num_timesteps
+    a = schedule.sqrt_alphas_cumprod[T - 1]
+    logvar = schedule.log_one_minus_alphas_cumprod[T - 1]
+    kl = normal_kl(a * x0, logvar, 0.0, 0.0)
+    return jnp.sum(kl.reshape(x0.shape[0], -1), axis=-1)
+
+
+def mean_flat(x: jax.Array) -> jax.Array:
+    """Mean over all but the batch axis: ``[B, ...] -> [B]``."""
+    return jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
+
+
+def sum_flat(x: jax.Array) -> jax.Array:
+    """Sum over all but the batch axis: ``[B, ...] -> [B]``."""
+    return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+LOG2 = float(np.log(2.0))

@@ -1,0 +1,165 @@
+"""Building blocks of the DDPM UNet (Ho et al. 2020), channels-last (NHWC).
+
+Every module takes ``dtype`` (the computation dtype, e.g. ``jnp.bfloat16`` on accelerators)
+while its parameters stay float32. Layer names follow the reference code
+(``diffusion_tf/models/unet.py``): ``norm1``, ``conv1``, ``temb_proj``, ``q``, ``proj_out``...
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "AttnBlock",
+    "Downsample",
+    "ResBlock",
+    "Upsample",
+    "group_norm",
+    "num_groups",
+    "timestep_embedding",
+]
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal timestep embedding, DDPM convention.
+
+    ``freqs[i] = exp(-log(max_period) * i / (half - 1))`` for ``i < half = dim // 2``, and the
+    embedding is ``concat([sin(t * freqs), cos(t * freqs)])``, padded with one zero column when
+    ``dim`` is odd.
+
+    Args:
+      t: ``[B]`` integer or float timesteps (samplers may evaluate fractional ones).
+      dim: embedding width; at least 4 (so that ``half - 1 > 0``).
+      max_period: the longest wavelength, ``10000`` as in the Transformer.
+
+    Returns:
+      ``[B, dim]`` float32.
+    """
+    t = jnp.asarray(t)
+    if t.ndim != 1:
+        raise ValueError(f"timestep_embedding: t must have shape [B], got shape {t.shape}")
+    if dim < 4:
+        raise ValueError(f"timestep_embedding: dim must be >= 4, got dim={dim}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]  # [B, half]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)  # [B, 2 * half]
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+    """The largest divisor of ``channels`` that is ``<= max_groups`` (32 for wide layers)."""
+    return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+
+
+def group_norm(channels: int, dtype: jnp.dtype, name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm with :func:`num_groups` groups; epsilon 1e-6 as in the reference code."""
+    return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
+
+
+def _conv3x3(features: int, dtype: jnp.dtype, name: str, zero_init: bool = False) -> nn.Conv:
+    kernel_init = nn.initializers.zeros if zero_init else nn.linear.default_kernel_init
+    return nn.Conv(features, (3, 3), padding="SAME", dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block conditioned on a time embedding.
+
+    ``x -> GN -> SiLU -> Conv3x3 -> (+ Dense(SiLU(temb)))  -> GN -> SiLU -> Dropout -> Conv3x3``
+    with the last conv zero-initialised, plus a skip path (a 1x1 conv when the channel count
+    changes). With ``scale_shift=True`` the embedding instead modulates the second norm
+    (Nichol & Dhariwal 2021): ``GN(h) * (1 + scale) + shift``.
+    """
+
+    out_ch: int
+    dropout: float = 0.0
+    scale_shift: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
+        """``x``: ``[B, H, W, C_in]``; ``temb``: ``[B, E]``. Returns ``[B, H, W, out_ch]``."""
+        c_in = x.shape[-1]
+        h = nn.silu(group_norm(c_in, self.dtype, "norm1")(x))
+        h = _conv3x3(self.out_ch, self.dtype, "conv1")(h)
+        n_emb = 2 * self.out_ch if self.scale_shift else self.out_ch
+        emb = nn.Dense(n_emb, dtype=self.dtype, name="temb_proj")(nn.silu(temb))
+        emb = emb[:, None, None, :]  # [B, 1, 1, n_emb]
+        if self.scale_shift:
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            h = group_norm(self.out_ch, self.dtype, "norm2")(h) * (1 + scale) + shift
+        else:
+            h = group_norm(self.out_ch, self.dtype, "norm2")(h + emb)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = _conv3x3(self.out_ch, self.dtype, "conv2", zero_init=True)(h)
+        if c_in != self.out_ch:
+            x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the ``H * W`` positions, with a residual connection.
+
+    ``GN -> q, k, v (1x1 projections) -> softmax(q k^T / sqrt(d)) v -> proj_out`` where
+    ``proj_out`` is zero-initialised (the block starts as the identity). The logits and
+    softmax are computed in float32 whatever ``dtype`` is.
+    """
+
+    num_heads: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]``; ``C`` must divide by ``num_heads``."""
+        b, hgt, wid, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(
+                f"AttnBlock: channels ({c}) must be divisible by num_heads ({self.num_heads})"
+            )
+        d = c // self.num_heads
+        h = group_norm(c, self.dtype, "norm")(x)
+
+        def proj(name: str) -> jax.Array:  # [B, H*W, heads, d]
+            y = nn.Dense(c, dtype=self.dtype, name=name)(h)
+            return y.reshape(b, hgt * wid, self.num_heads, d)
+
+        q, k, v = proj("q"), proj("k"), proj("v")
+        logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, hgt, wid, c)
+        out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
+        return x + out
+
+
+class Downsample(nn.Module):
+    """Conv 3x3 with stride 2 and SAME padding: ``[B, H, W, C] -> [B, H/2, W/2, C]``.
+
+    For even sizes SAME pads one row/column at the bottom/right only, as TensorFlow does in
+    the reference code.
+    """
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        return nn.Conv(c, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then conv 3x3: ``[B, H, W, C] -> [B, 2H, 2W, C]``."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return _conv3x3(c, self.dtype, "conv")(x)

@@ -1,0 +1,181 @@
+"""The DDPM UNet (Ho et al. 2020) in Flax Linen, channels-last, and its presets.
+
+The network only predicts: it maps ``(x_t, t[, y])`` to an output of the input's spatial
+shape and knows nothing about schedules or objectives.
+
+Example::
+
+    model = get_model("tiny")
+    params = model.init(jax.random.key(0), x, t)["params"]     # x: [B, 8, 8, 1], t: [B]
+    out = model.apply({"params": params}, x, t, train=True,
+                      rngs={"dropout": jax.random.key(1)})       # [B, 8, 8, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models.layers import (
+    AttnBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+)
+
+__all__ = [
+    "PRESETS",
+    "UNet",
+    "check_image_size",
+    "count_params",
+    "ddpm_cifar10",
+    "digits",
+    "get_model",
+    "small",
+    "tiny",
+]
+
+
+def check_image_size(image_size: int, ch_mult: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless the UNet can halve ``image_size`` ``len(ch_mult) - 1`` times."""
+    factor = 2 ** (len(ch_mult) - 1)
+    if image_size <= 0 or image_size % factor:
+        raise ValueError(
+            f"image_size={image_size} is not divisible by 2**(len(ch_mult)-1)={factor} "
+            f"for ch_mult={tuple(ch_mult)}: the UNet cannot downsample it"
+        )
+
+
+def count_params(params) -> int:
+    """Total number of scalars in a params pytree (arrays or ``jax.ShapeDtypeStruct``)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+class UNet(nn.Module):
+    """DDPM UNet: ``(x [B, H, W, C], t [B], y [B] | None) -> [B, H, W, C_out]``.
+
+    ``C_out`` is ``out_channels`` (default: ``C``), doubled when ``learn_sigma``.
+    ``attn_resolutions`` are the spatial sizes (``H``) at which attention follows a ResBlock.
+    With ``num_classes`` set, label ``num_classes`` is the null label used for
+    classifier-free guidance and is used when ``y`` is ``None``.
+    ``dtype`` is the computation dtype (parameters stay float32; the output is float32);
+    ``remat`` recomputes each ResBlock's activations on the backward pass.
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_classes: int | None = None
+    learn_sigma: bool = False
+    out_channels: int | None = None
+    scale_shift: bool = False
+    num_heads: int = 1
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"UNet: x must be [B, H, W, C], got shape {x.shape}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"UNet: t must have shape [B]=({x.shape[0]},), got shape {t.shape}")
+        check_image_size(x.shape[1], self.ch_mult)
+        check_image_size(x.shape[2], self.ch_mult)
+        if y is not None:
+            if self.num_classes is None:
+                raise ValueError("UNet: labels y were given but the model has num_classes=None")
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"UNet: y must have shape [B]=({x.shape[0]},), got {y.shape}")
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False
+    ) -> jax.Array:
+        """Predict from ``x [B, H, W, C]``, ``t [B]`` (int or float), ``y [B]`` int labels."""
+        x, t = jnp.asarray(x), jnp.asarray(t)
+        y = None if y is None else jnp.asarray(y)
+        self._check_inputs(x, t, y)
+        dt = self.dtype
+        emb_dim = 4 * self.ch
+        block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+
+        def res_block(h, out_ch, name):
+            block = block_cls(out_ch, self.dropout, self.scale_shift, dt, name=name)
+            return block(h, temb, train)
+
+        def maybe_attn(h, name):
+            if h.shape[1] in self.attn_resolutions:
+                h = AttnBlock(self.num_heads, dt, name=name)(h)
+            return h
+
+        # Time (and class) embedding: [B, 4 * ch].
+        temb = timestep_embedding(t, self.ch)
+        temb = nn.Dense(emb_dim, dtype=dt, name="temb_dense0")(temb)
+        temb = nn.Dense(emb_dim, dtype=dt, name="temb_dense1")(nn.silu(temb))
+        if self.num_classes is not None:
+            if y is None:
+                y = jnp.full((x.shape[0],), self.num_classes, dtype=jnp.int32)
+            temb = temb + nn.Embed(self.num_classes + 1, emb_dim, dtype=dt, name="class_emb")(y)
+
+        # Downsampling; every intermediate h is kept for the skip connections.
+        num_levels = len(self.ch_mult)
+        hs = [nn.Conv(self.ch, (3, 3), padding="SAME", dtype=dt, name="conv_in")(x.astype(dt))]
+        for i, mult in enumerate(self.ch_mult):
+            for j in range(self.num_res_blocks):
+                h = res_block(hs[-1], self.ch * mult, f"down_{i}_block_{j}")
+                hs.append(maybe_attn(h, f"down_{i}_attn_{j}"))
+            if i != num_levels - 1:
+                hs.append(Downsample(dt, name=f"down_{i}_downsample")(hs[-1]))
+
+        # Middle.
+        h = hs[-1]
+        h = res_block(h, h.shape[-1], "mid_block_1")
+        h = AttnBlock(self.num_heads, dt, name="mid_attn_1")(h)
+        h = res_block(h, h.shape[-1], "mid_block_2")
+
+        # Upsampling.
+        for i in reversed(range(num_levels)):
+            for j in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                h = res_block(h, self.ch * self.ch_mult[i], f"up_{i}_block_{j}")
+                h = maybe_attn(h, f"up_{i}_attn_{j}")
+            if i != 0:
+                h = Upsample(dt, name=f"up_{i}_upsample")(h)
+        assert not hs, "every skip connection is consumed"
+
+        # Out.
+        out_ch = self.out_channels if self.out_channels is not None else x.shape[-1]
+        if self.learn_sigma:
+            out_ch *= 2
+        h = nn.silu(group_norm(h.shape[-1], dt, "norm_out")(h))
+        h = nn.Conv(
+            out_ch, (3, 3), padding="SAME", dtype=dt,
+            kernel_init=nn.initializers.zeros, name="conv_out",
+        )(h)
+        return h.astype(jnp.float32)
+
+
+# Presets (flax imagenet style). `tiny` is for tests.
+ddpm_cifar10 = partial(
+    UNet, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1
+)
+small = partial(UNet, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1)
+digits = partial(UNet, ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+tiny = partial(UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+
+PRESETS = {"ddpm_cifar10": ddpm_cifar10, "small": small, "digits": digits, "tiny": tiny}
+
+
+def get_model(name: str, **overrides) -> UNet:
+    """Build the preset ``name`` with field ``overrides`` (e.g. ``num_classes=10``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)

@@ -1,0 +1,54 @@
+"""DDIM steps (Song, Meng & Ermon 2021): the eta family of non-Markovian reverse processes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff import diffusion as d
+from jaxdiff.samplers.ddpm import respaced_posterior, step_noise
+from jaxdiff.schedules import Schedule
+
+__all__ = ["ddim_step", "ddim_sigma"]
+
+
+def ddim_sigma(schedule: Schedule, t, t_prev, eta) -> jax.Array:
+    """``sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev)`` (eq. 16), ``[B]``."""
+    _, _, var_small, _ = respaced_posterior(schedule, t, t_prev)
+    return eta * jnp.sqrt(var_small)
+
+
+def ddim_step(schedule: Schedule, model_output, x_t, t, t_prev, key=None, *, noise=None, eta=0.0,
+              prediction: str = "epsilon", clip_x0: bool = False) -> jax.Array:
+    """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12).
+
+    ``x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z`` with
+    ``sigma`` from :func:`ddim_sigma`. ``eta = 0`` is deterministic; ``eta = 1`` with
+    ``t_prev = t - 1`` is DDPM with ``"fixed_small"`` variance. ``t_prev = -1`` is the final
+    step to x0 (``abar = 1``).
+
+    Args:
+      model_output: ``[B, ...]`` network output at ``(x_t, t)``. x_t: ``[B, ...]``.
+      t, t_prev: ``[B]`` ints (or floats on the ``[0, T-1]`` scale) with ``t_prev < t``.
+      key / noise: randomness for ``eta > 0``; neither is needed when ``eta == 0``.
+      eta: a float or a traced scalar (changing it does not recompile).
+    Returns ``x_{t_prev}`` ``[B, ...]``.
+    """
+    t = d.check_t(t, x_t, "x_t")
+    t_prev = d.check_t(t_prev, x_t, "x_t")
+    x0_hat, eps_hat = d.x0_eps_from_prediction(schedule, model_output, x_t, t, prediction)
+    if clip_x0:
+        x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+        eps_hat = d.eps_from_x0(schedule, x_t, t, x0_hat)
+    a_p, s_p = d.alpha_sigma(schedule, t_prev)
+    sigma = ddim_sigma(schedule, t, t_prev, eta)
+    if key is None and noise is None:
+        if isinstance(eta, (int, float)) and eta != 0:
+            raise ValueError(f"ddim_step with eta={eta} needs `key` or `noise`")
+        z = jnp.zeros_like(x_t)
+    else:
+        z = step_noise(key, noise, x_t)
+    bc = lambda a: a.reshape(a.shape + (1,) * (x_t.ndim - 1))  # noqa: E731
+    dir_coef = jnp.sqrt(jnp.maximum(s_p**2 - sigma**2, 0.0))
+    x_prev = bc(a_p) * x0_hat + bc(dir_coef) * eps_hat + bc(sigma) * z
+    return d.from_vp(schedule, x_prev, t_prev)
