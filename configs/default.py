@@ -1,0 +1,66 @@
+"""Default config: every setting of a training run, with the values the other configs start from.
+
+Not meant to be trained as is (it is the digits setup with the DDPM paper's optimizer); use
+``configs/digits.py``, ``configs/mnist.py`` or ``configs/cifar10.py``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "digits"  # "digits" (offline, ships with scikit-learn) or a TFDS image dataset
+    config.data.split = "train"
+    config.data.data_dir = ""  # TFDS data_dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.data.image_size = 0  # 0 = the dataset's own size; else resize to this square size
+    config.data.random_flip = False
+    config.data.prefetch = 2
+
+    config.model = ml_collections.ConfigDict()
+    config.model.ch = 64
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (4,)
+    config.model.dropout = 0.0
+    config.model.scale_shift = False
+    config.model.class_conditional = False  # labels -> the UNet's class embedding (+ null label)
+    config.model.dtype = "float32"  # "bfloat16" for mixed precision on accelerators
+    config.model.remat = False
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.schedule = "linear"  # linear | cosine | sigmoid
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.beta_start = 1e-4
+    config.diffusion.beta_end = 0.02
+    config.diffusion.prediction = "epsilon"  # epsilon | x0 | v
+    config.diffusion.weighting = "uniform"  # uniform | min_snr | elbo
+    config.diffusion.min_snr_gamma = 5.0
+    config.diffusion.learned_variance = False  # hybrid objective; the UNet outputs 2C channels
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 3000
+    config.train.global_batch_size = 128
+    config.train.learning_rate = 2e-4
+    config.train.warmup_steps = 100
+    config.train.grad_clip = 1.0
+    config.train.ema_decay = 0.999
+    config.train.label_dropout = 0.1  # classifier-free guidance training (conditional models only)
+    config.train.log_every = 50
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 3
+    config.train.sample_every = 1000  # 0 = only at the end
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.sampler = "ddim"
+    config.sample.num_steps = 50
+    config.sample.eta = 0.0
+    config.sample.guidance = 1.0  # classifier-free guidance scale w (1 = the conditional model)
+    config.sample.num_samples = 64
+    config.sample.clip_x0 = True
+
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mode = "pmap"  # pmap | sharding
+    return config

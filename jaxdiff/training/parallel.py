@@ -1,0 +1,106 @@
+"""Data parallelism: the ONLY module that knows about ``pmap``, meshes and shardings.
+
+Two modes place the same computation on the devices of every host:
+
+* ``"pmap"`` (default): the state is replicated with a leading device axis, each local device
+  gets ``B / num_devices`` examples, and the step averages gradients with ``lax.pmean``.
+* ``"sharding"``: ``jax.jit`` over a 1-D ``Mesh`` named ``"data"``; the state is replicated
+  (``PartitionSpec()``) and the global batch is one array sharded on its first axis
+  (``PartitionSpec("data")``), so the batch mean *is* the global mean and XLA inserts the
+  all-reduce.
+
+Each host passes only its own slice of the global batch (``put_batch``); both modes donate
+the previous state's buffers to the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["MODES", "AXIS", "DataParallel"]
+
+MODES = ("pmap", "sharding")
+AXIS = "data"
+
+
+def _host_copy(tree):
+    return jax.tree_util.tree_map(lambda a: np.array(a), tree)
+
+
+class DataParallel:
+    """Placement of states and batches for one mode over a set of devices (all devices by default).
+
+    Holds only the mode and the mesh: states, keys and batches are passed in and returned.
+    """
+
+    def __init__(self, mode: str = "pmap", devices: Sequence[jax.Device] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"parallel.mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.devices = list(jax.devices() if devices is None else devices)
+        self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+        self.mesh = Mesh(np.array(self.devices), (AXIS,))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def check_batch_size(self, global_batch_size: int) -> None:
+        if global_batch_size % self.num_devices:
+            raise ValueError(
+                f"train.global_batch_size={global_batch_size} is not divisible by the number of devices "
+                f"({self.num_devices}); choose a multiple of {self.num_devices}"
+            )
+
+    # ------------------------------------------------------------------ state
+    def put_state(self, host_state):
+        """Host pytree (identical on every process) -> device state for this mode."""
+        host_state = _host_copy(host_state)  # never alias a buffer that the step will donate
+        if self.mode == "pmap":  # stacked copies, laid out as the pmapped step's outputs are
+            n = len(self.local_devices)
+            stacked = NamedSharding(Mesh(np.array(self.local_devices), (AXIS,)), PartitionSpec(AXIS))
+            return jax.tree_util.tree_map(
+                lambda a: jax.device_put(np.broadcast_to(a[None], (n,) + a.shape), stacked), host_state)
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_callback(a.shape, self._replicated, lambda idx: a[idx]), host_state
+        )
+
+    def get_state(self, state):
+        """Device state -> host NumPy pytree (one replica)."""
+        if self.mode == "pmap":
+            return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0))[0], state)
+        return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), state)
+
+    # ------------------------------------------------------------------ batches
+    def put_batch(self, local_batch: dict[str, np.ndarray]):
+        """This process's slice ``[B / num_processes, ...]`` of the global batch -> device batch."""
+        if self.mode == "pmap":
+            n = len(self.local_devices)
+            return jax.tree_util.tree_map(lambda a: a.reshape((n, a.shape[0] // n) + a.shape[1:]), local_batch)
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(self._batch_sharding, a), local_batch
+        )
+
+    # ------------------------------------------------------------------ steps
+    def compile_step(self, step_fn: Callable) -> Callable:
+        """``step_fn(state, batch, key, *, axis_name) -> (state, metrics)`` -> compiled step.
+
+        The returned function takes ``(state, batch, key)`` placed by this object and donates
+        ``state``.
+        """
+        if self.mode == "pmap":
+            return jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS,
+                            in_axes=(0, 0, None), donate_argnums=(0,), devices=self.local_devices)
+        return jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=(0,),
+                       out_shardings=(self._replicated, self._replicated))
+
+    def get_metrics(self, metrics) -> dict[str, Any]:
+        """Device metrics -> host floats (one replica)."""
+        return {k: float(np.asarray(v.addressable_data(0)).reshape(-1)[0]) for k, v in metrics.items()}

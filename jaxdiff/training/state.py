@@ -1,0 +1,42 @@
+"""The train state: a pytree of (step, params, optimizer state, EMA params), and the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["TrainState", "make_optimizer", "create_train_state"]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step; all leaves are arrays."""
+
+    step: jax.Array  # [] int32: number of completed steps
+    params: Any  # the network's parameters
+    opt_state: Any  # optax state of `make_optimizer`
+    ema_params: Any  # exponential moving average of `params`
+
+
+def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, grad_clip: float | None = 1.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam with linear warmup to ``learning_rate`` over ``warmup_steps`` and global-norm clipping (DDPM)."""
+    lr = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
+    chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    chain.append(optax.adam(lr, b1=b1, b2=b2, eps=eps))
+    return optax.chain(*chain)
+
+
+def create_train_state(key: jax.Array, model, tx: optax.GradientTransformation, image_shape, *,
+                       num_classes: int | None = None) -> TrainState:
+    """Initialises the network on a dummy batch of one ``image_shape`` ``(H, W, C)`` image."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = None if num_classes is None else jnp.zeros((1,), jnp.int32)
+    params = model.init({"params": key}, x, t, y, train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree_util.tree_map(jnp.copy, params))

@@ -1,0 +1,84 @@
+"""The pure training step. ``pmap``/``jit`` wrap it where it is used (training/parallel.py).
+
+Randomness is derived, never carried: the key of example ``i`` of the global batch at step
+``s`` is ``fold_in(fold_in(root, s), i)``, and it alone draws that example's timestep, noise,
+dropout masks and label drop. So the update does not depend on how many devices or hosts
+share the batch, and a resumed run reproduces the same keys without saving them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdiff import losses
+from jaxdiff.schedules import Schedule
+from jaxdiff.training.state import TrainState
+
+__all__ = ["example_keys", "train_step"]
+
+
+def example_keys(root: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
+    """``[B]`` keys ``fold_in(fold_in(root, step), index[b])`` for the examples at global positions ``index``."""
+    step_key = jax.random.fold_in(root, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(index)
+
+
+def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn: Callable, tx: optax.GradientTransformation,
+               schedule: Schedule, prediction: str = "epsilon", weighting: str = "uniform", min_snr_gamma: float = 5.0,
+               learned_variance: bool = False, ema_decay: float = 0.9999, num_classes: int | None = None,
+               label_dropout: float = 0.0, axis_name: str | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """One optimizer step on a (local shard of a) global batch.
+
+    Args:
+      state: the train state. batch: ``image`` ``[B, H, W, C]`` in [-1, 1], ``index`` ``[B]`` int
+        global positions in the global batch, and ``label`` ``[B]`` when conditional.
+      root_key: the run's root key (from the seed).
+      apply_fn: ``apply_fn({"params": p}, x, t, y, train=True, rngs={"dropout": k})`` (a Flax
+        module's ``apply``).
+      label_dropout: probability of replacing a label by the null label ``num_classes``
+        (classifier-free guidance training).
+      axis_name: the mapped axis to average gradients and metrics over (``pmap``), or None when
+        the batch is a global array (``jit`` with shardings).
+    Returns: the new state (the old one where the loss or a gradient is not finite) and metrics
+      ``{"loss", "mse", "grad_norm", "finite"}`` averaged over the global batch.
+    """
+    keys = example_keys(root_key, state.step, batch["index"])
+    sub = jax.vmap(lambda k: jax.random.split(k, 4))(keys)  # [B, 4]: t, noise, dropout, label
+    x0 = batch["image"]
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(sub[:, 0])
+    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(sub[:, 1])
+    y = None
+    if num_classes is not None:
+        drop = jax.vmap(lambda k: jax.random.bernoulli(k, label_dropout))(sub[:, 3])
+        y = jnp.where(drop, num_classes, batch["label"])
+
+    def loss_fn(params):
+        def one(x, tt, yy, k):  # one example, its own dropout key
+            yy = None if yy is None else yy[None]
+            return apply_fn({"params": params}, x[None], tt[None], yy, train=True, rngs={"dropout": k})[0]
+
+        def model_fn(x_t, tt):
+            return jax.vmap(one, in_axes=(0, 0, None if y is None else 0, 0))(x_t, tt, y, sub[:, 2])
+
+        return losses.diffusion_loss(schedule, model_fn, x0, root_key, prediction=prediction, weighting=weighting,
+                                     min_snr_gamma=min_snr_gamma, learned_variance=learned_variance, t=t, noise=noise)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        metrics = jax.lax.pmean(metrics, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    # Never let a non-finite update into the state: keep the old values (step still advances
+    # so the loop can report which step failed).
+    new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
+    metrics = dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
+    return new, metrics
