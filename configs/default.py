@@ -20,8 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.prefetch = 2
 
     config.model = ml_collections.ConfigDict()
-    config.model.ch = 64
-    config.model.ch_mult = (1, 2)
+    config.model.ch = 32
+    config.model.ch_mult = (1, 1)
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0

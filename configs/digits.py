@@ -15,8 +15,11 @@ from configs import default
 def get_config():
     config = default.get_config()
     config.model.class_conditional = True
-    config.train.num_steps = 4000
-    config.train.sample_every = 2000
+    config.train.num_steps = 3000
+    config.train.global_batch_size = 64
+    config.train.learning_rate = 1e-3
+    config.train.ema_decay = 0.995
+    config.train.sample_every = 1000
     config.sample.num_samples = 100
     config.sample.guidance = 2.0
     return config

@@ -54,8 +54,15 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
-    """The largest divisor of ``channels`` that is ``<= max_groups`` (32 for wide layers)."""
-    return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+    """GroupNorm groups: 32 for wide layers, fewer for narrow ones.
+
+    The largest divisor of ``channels`` that is ``<= max_groups`` and leaves at least two
+    channels per group (one group for a single channel). With one channel per group the
+    norm would subtract each channel's mean and so erase the per-channel time-embedding bias
+    that :class:`ResBlock` adds just before its second norm: the model would ignore ``t``.
+    """
+    limit = max(1, min(max_groups, channels // 2))
+    return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
 def group_norm(channels: int, dtype: jnp.dtype, name: str | None = None) -> nn.GroupNorm:
@@ -65,7 +72,9 @@ def group_norm(channels: int, dtype: jnp.dtype, name: str | None = None) -> nn.G
 
 def _conv3x3(features: int, dtype: jnp.dtype, name: str, zero_init: bool = False) -> nn.Conv:
     kernel_init = nn.initializers.zeros if zero_init else nn.linear.default_kernel_init
-    return nn.Conv(features, (3, 3), padding="SAME", dtype=dtype, kernel_init=kernel_init, name=name)
+    return nn.Conv(
+        features, (3, 3), padding="SAME", dtype=dtype, kernel_init=kernel_init, name=name
+    )
 
 
 class ResBlock(nn.Module):

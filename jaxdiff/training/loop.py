@@ -80,7 +80,10 @@ def train_and_evaluate(config, workdir: str):
     par = DataParallel(config.parallel.mode)
     tr, df, sm = config.train, config.diffusion, config.sample
 
-    source = data.make_source(config.data.name, config.data.split, config.data.data_dir or None)
+    try:
+        source = data.make_source(config.data.name, config.data.split, config.data.data_dir or None)
+    except ValueError as error:
+        raise ValueError(f"config.data.name={config.data.name!r}: {error}") from None
     info = source.info
     size = config.data.image_size or None
     image_shape = (size, size, info.image_shape[2]) if size else tuple(info.image_shape)
