@@ -55,7 +55,8 @@ def loss_weight(schedule: Schedule, t, *, prediction: str, weighting: str, min_s
     * ``"uniform"``: 1 (L_simple for epsilon prediction).
     * ``"min_snr"``: Hang et al. 2023, ``min(SNR, gamma)`` expressed for the target:
       ``/ SNR`` for epsilon, ``/ (SNR + 1)`` for v, as is for x0; for score, the x0 weight times
-      ``(1 - abar)^2 / abar`` (since ``x0 - x0_hat = (1 - abar)/sqrt(abar) (s_hat - s)``).
+      ``(1 - abar)^2 / abar`` (since ``x0 - x0_hat = (1 - abar)/sqrt(abar) (s_hat - s)``), or times
+      ``sigma_t^4 = ((1 - abar)/abar)^2`` for a VE schedule, whose score is in VE coordinates.
     * ``"elbo"``: the weight that makes the loss ``T * L_{t-1}`` of the bound in nats per
       dimension: ``T * c1_t^2 / (2 var_t)`` in x0 space, with ``c1`` the posterior mean's x0
       coefficient and ``var_t`` the clipped posterior variance (``fixed_small`` decoder).
@@ -75,11 +76,13 @@ def loss_weight(schedule: Schedule, t, *, prediction: str, weighting: str, min_s
         var = jnp.exp(schedule.posterior_log_variance_clipped[t])
         w_x0 = schedule.num_timesteps * c1**2 / (2.0 * var)
     # Convert an x0-space weight into the prediction's space: ||x0 - x0_hat||^2 = k * ||p - p_hat||^2.
+    # The score lives in the schedule's coordinates: x0 error = (1 - abar)/sqrt(abar) * score error
+    # for VP, sigma_t^2 = (1 - abar)/abar * score error for VE (x_t = x0 + sigma_t eps).
     k = {
         "x0": jnp.ones_like(abar),
         "epsilon": one_m / abar,
         "v": one_m,
-        "score": one_m**2 / abar,
+        "score": one_m**2 / abar if schedule.kind == "vp" else (one_m / abar) ** 2,
     }[prediction]
     if weighting == "min_snr" and prediction == "v":
         return jnp.minimum(snr_t, min_snr_gamma) / (snr_t + 1.0)  # == w_x0 * (1 - abar)
@@ -111,17 +114,22 @@ def p_mean_variance(schedule: Schedule, model_output, x_t, t, *, prediction: str
         x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
     mean, _, small_logvar = d.q_posterior(schedule, x0_hat, x_t, t)
     tc = jnp.clip(t, 0, schedule.num_timesteps - 1)
-    large_log = jnp.log(jnp.where(tc == 0, schedule.posterior_variance[1 % schedule.num_timesteps], schedule.betas[tc]))
-    large_log = large_log.reshape(large_log.shape + (1,) * (x_t.ndim - 1))
+    log_beta = jnp.log(schedule.betas[tc])
+    # fixed_large: beta_t, with beta-tilde_1 at t = 0 (Ho et al.'s code); learned_range
+    # interpolates towards log(beta_t) itself at every t, t = 0 included (Nichol & Dhariwal's code).
+    large_log = jnp.where(tc == 0, jnp.log(schedule.posterior_variance[1 % schedule.num_timesteps]), log_beta)
+    bshape = t.shape + (1,) * (x_t.ndim - 1)
+    large_log, log_beta = large_log.reshape(bshape), log_beta.reshape(bshape)
     if schedule.kind == "ve":
-        large_log = large_log - jnp.log(schedule.alphas_cumprod_prev[tc]).reshape(large_log.shape)
+        to_ve = jnp.log(schedule.alphas_cumprod_prev[tc]).reshape(bshape)
+        large_log, log_beta = large_log - to_ve, log_beta - to_ve
     if variance == "fixed_small":
         logvar = jnp.broadcast_to(small_logvar, x_t.shape)
     elif variance == "fixed_large":
         logvar = jnp.broadcast_to(large_log, x_t.shape)
     else:
         frac = (var_values + 1.0) / 2.0
-        logvar = frac * large_log + (1.0 - frac) * small_logvar
+        logvar = frac * log_beta + (1.0 - frac) * small_logvar
     return mean, jnp.exp(logvar), logvar, x0_hat, eps_hat
 
 
@@ -147,7 +155,7 @@ def diffusion_loss(
 
     With ``learned_variance=True`` the network outputs ``2C`` channels and the hybrid objective
     of Nichol & Dhariwal is used: ``L_simple + vlb_weight * T * L_{t-1}`` (the VLB term in
-    nats/dim computed with a stop-gradient on the mean, so it trains the variance only).
+    bits/dim, as in their code, so ``vlb_weight = 0.001`` is their lambda; computed with a stop-gradient on the mean, so it trains the variance only).
 
     Args:
       x0: ``[B, ...]`` clean data. key: a PRNG key. t: optional ``[B]`` int timesteps.
@@ -181,7 +189,7 @@ def diffusion_loss(
     if learned_variance:
         frozen = jnp.concatenate([jax.lax.stop_gradient(pred), out[..., c:]], axis=-1)
         vlb = vlb_term(schedule, frozen, x0, x_t, t, prediction=prediction, variance="learned_range")
-        vlb_loss = jnp.mean(vlb) * d.LOG2 * schedule.num_timesteps  # nats/dim, times T
+        vlb_loss = jnp.mean(vlb) * schedule.num_timesteps  # bits/dim times T, as Nichol & Dhariwal's code
         metrics["vlb"] = jnp.mean(vlb)
         loss = mse + vlb_weight * vlb_loss
     metrics["loss"] = loss

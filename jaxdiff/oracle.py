@@ -70,7 +70,7 @@ class GaussianMixture:
 
         x: ``[B, D]``; a, s: ``[B]``. Returns ``[B, K]`` and ``[B, K, D]``.
         """
-        eye = jnp.eye(self.dim)
+        eye = jnp.eye(self.dim)[None, None]  # explicit rank: [1, 1, D, D]
         cov = a[:, None, None, None] ** 2 * self.covs[None] + s[:, None, None, None] ** 2 * eye  # [B,K,D,D]
         diff = x[:, None, :] - a[:, None, None] * self.means[None]  # [B,K,D]
         sol = jnp.linalg.solve(cov, diff[..., None])[..., 0]
