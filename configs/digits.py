@@ -4,9 +4,9 @@ Command (from the repository root)::
 
     python scripts/train.py --config configs/digits.py --workdir workdir/digits
 
-Expect on 2 CPU cores: about 4,000 steps of batch 128 in under 10 minutes, a final loss near
-0.09, and ``workdir/digits/samples/final.png``: a 10x10 grid whose row r holds digit r,
-legible to a person (classifier-free guidance scale 2).
+Expect on 2 CPU cores: 3,000 steps of batch 64 at about 500 images/s, about 8 minutes in
+all, a final loss near 0.075, and ``workdir/digits/samples/final.png``: a 10x10 grid whose
+row r holds digit r, legible to a person (classifier-free guidance scale 2, 50 DDIM steps).
 """
 
 from configs import default

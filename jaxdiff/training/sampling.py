@@ -72,7 +72,7 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.
     return grid
 
 
-def save_grid(images: np.ndarray, path: str, ncols: int | None = None, min_size: int = 256) -> None:
+def save_grid(images: np.ndarray, path: str, ncols: int | None = None, min_size: int = 512) -> None:
     """Saves uint8 ``[N, H, W, C]`` images as a PNG grid, upscaled (nearest) to at least ``min_size`` px."""
     grid = make_grid(images, ncols)
     scale = max(1, min_size // max(grid.shape[:2]))
