@@ -97,7 +97,7 @@ class DataParallel:
         """
         if self.mode == "pmap":
             return jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS,
-                            in_axes=(0, 0, None), donate_argnums=(0,), devices=self.local_devices)
+                            in_axes=(0, 0, None), donate_argnums=(0,), devices=self.devices)
         return jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=(0,),
                        out_shardings=(self._replicated, self._replicated))
 
