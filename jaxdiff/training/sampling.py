@@ -51,8 +51,12 @@ def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_
     use_learned = learned_variance and sampler == "ddpm"
     model_fn = guided if use_learned or not learned_variance else (lambda x, t: guided(x, t)[..., :c])
     extra = {"variance": "learned_range"} if use_learned else {}
+    if sampler != "ode":  # the adaptive ODE solver chooses its own steps
+        extra["num_steps"] = num_steps
+    if sampler in ("ddim", "euler_ancestral"):
+        extra["eta"] = eta
     return samplers.sample(schedule, model_fn, key, (labels.shape[0], *image_shape), sampler=sampler,
-                           num_steps=num_steps, eta=eta, prediction=prediction, clip_x0=clip_x0, **extra)
+                           prediction=prediction, clip_x0=clip_x0, **extra)
 
 
 def to_uint8(images) -> np.ndarray:
