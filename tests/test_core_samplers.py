@@ -261,8 +261,6 @@ def test_spaced_timesteps():
     assert int(spaced_timesteps(T, 50, 49)[1]) == -1
 
 
-@pytest.mark.xfail(reason="driver bug (samplers/common.py spaced_timesteps): with num_steps=1 the only step is "
-                          "t=0 instead of the documented T-1, so a 1-step chain never starts from the prior's t")
 def test_spaced_timesteps_single_step():
     t, t_prev = spaced_timesteps(T, 1, 0)
     assert (int(t), int(t_prev)) == (T - 1, -1)

@@ -1,0 +1,126 @@
+"""Pieces shared by the samplers: timestep grids, the prior, and the continuous-time view.
+
+The continuous-time samplers (DPM-Solver++, Karras, probability-flow ODE) move along the
+log-SNR ``lambda = log(abar / (1 - abar))`` of the discrete schedule. A ``lambda`` (or a VE
+noise level ``sigma = sqrt((1 - abar) / abar) = exp(-lambda / 2)``) is mapped back to a
+*fractional* timestep on the ``[0, T-1]`` scale by inverting the monotone table
+``schedule.log_snr`` with linear interpolation. That is the exact inverse of
+:func:`jaxdiff.diffusion.alpha_sigma`, which interpolates the same table, so the network is
+asked about the noise level the sampler means.
+
+Internally these samplers keep the state in VP coordinates ``x = alpha x0 + sigma eps``
+(``alpha^2 = sigmoid(lambda)``, ``sigma^2 = sigmoid(-lambda)``) and call the model in the
+schedule's own coordinates (the VE ones for ``kind="ve"``), so one code path serves both kinds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff import diffusion as d
+from jaxdiff.schedules import Schedule
+
+__all__ = [
+    "spaced_timesteps",
+    "run_loop",
+    "prior_sample",
+    "bcast",
+    "t_from_log_snr",
+    "t_from_sigma",
+    "alpha_sigma_from_log_snr",
+    "denoiser",
+    "check_num_steps",
+]
+
+
+def spaced_timesteps(num_timesteps: int, num_steps, i):
+    """``(t_i, t_{i+1})`` of ``num_steps`` evenly spaced steps from ``T-1`` down to ``0``, then ``-1``.
+
+    ``t_i = floor((T-1)(n-1-i)/(n-1))`` (``T-1`` for ``n = 1``), so ``n = T`` visits every
+    timestep; the step after ``t = 0`` is ``-1`` (x0). Integer arithmetic, works on tracers.
+    """
+    n = jnp.asarray(num_steps, jnp.int32)
+    i = jnp.asarray(i, jnp.int32)
+    T = num_timesteps - 1
+    denom = jnp.maximum(n - 1, 1)
+
+    def at(j):
+        t = jnp.where(n == 1, T, (T * (n - 1 - j)) // denom)
+        return jnp.where(j >= n, -1, t)
+
+    return at(i), at(i + 1)
+
+
+def run_loop(body: Callable, init, num_steps):
+    """``lax.fori_loop(0, num_steps, body, init)``: with a traced ``num_steps`` it is a while loop."""
+    return jax.lax.fori_loop(0, num_steps, body, init)
+
+
+def prior_sample(schedule: Schedule, key, shape) -> jax.Array:
+    """``x_{T-1}`` from the prior in the schedule's coordinates: ``N(0, I)`` (VP), ``N(0, (1 + sigma_T^2) I)`` (VE)."""
+    x = jax.random.normal(key, shape, jnp.float32)
+    t = jnp.full((shape[0],), schedule.num_timesteps - 1, jnp.int32)
+    return d.from_vp(schedule, x, t)
+
+
+def bcast(c: jax.Array, x: jax.Array) -> jax.Array:
+    """A scalar or ``[B]`` coefficient broadcast against ``x`` ``[B, ...]`` (explicit rank)."""
+    c = jnp.asarray(c)
+    if c.ndim == 0:
+        return c
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+
+
+def t_from_log_snr(schedule: Schedule, lam) -> jax.Array:
+    """Fractional timestep ``t`` in ``[0, T-1]`` whose interpolated log-SNR is ``lam`` (clamped to the table)."""
+    T = schedule.num_timesteps
+    lam = jnp.asarray(lam, jnp.float32)
+    if T == 1:
+        return jnp.zeros_like(lam)
+    # log_snr decreases with t, so -log_snr is the increasing table jnp.interp needs.
+    return jnp.interp(-lam, -schedule.log_snr, jnp.arange(T, dtype=jnp.float32))
+
+
+def t_from_sigma(schedule: Schedule, sigma) -> jax.Array:
+    """Fractional timestep of the VE noise level ``sigma = sqrt((1 - abar)/abar)`` (``lambda = -2 log sigma``)."""
+    return t_from_log_snr(schedule, -2.0 * jnp.log(jnp.asarray(sigma, jnp.float32)))
+
+
+def alpha_sigma_from_log_snr(lam) -> tuple[jax.Array, jax.Array]:
+    """``(alpha, sigma) = (sqrt(sigmoid(lambda)), sqrt(sigmoid(-lambda)))``."""
+    return jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
+
+
+def denoiser(schedule: Schedule, model_fn: Callable, prediction: str = "epsilon", clip_x0: bool = False):
+    """``fn(x_vp [B, ...], t [B] float) -> (x0_hat, eps_hat)``: one network evaluation.
+
+    ``x_vp`` is in VP coordinates; the network is called in the schedule's coordinates
+    (``from_vp``) at the fractional time ``t``. With ``clip_x0`` the x0 estimate is clipped to
+    ``[-1, 1]`` and ``eps_hat`` recomputed from it (for image data).
+    """
+    d.check_prediction(prediction)
+
+    def fn(x_vp, t):
+        x_model = d.from_vp(schedule, x_vp, t)
+        out = model_fn(x_model, t)
+        x0, eps = d.x0_eps_from_prediction(schedule, out, x_model, t, prediction)
+        if clip_x0:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+            eps = d.eps_from_x0(schedule, x_model, t, x0)
+        return x0, eps
+
+    return fn
+
+
+def check_num_steps(num_steps, name: str = "num_steps", upper: int | None = None):
+    """Static check of a Python-int step count (traced values pass through unchecked)."""
+    if isinstance(num_steps, bool):
+        raise ValueError(f"{name} must be an int, got {num_steps!r}")
+    if isinstance(num_steps, int):
+        if num_steps < 1 or (upper is not None and num_steps > upper):
+            bound = f"[1, {upper}]" if upper is not None else ">= 1"
+            raise ValueError(f"{name} must be {bound}, got {num_steps}")
+    return num_steps
