@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.remat = False
 
     config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.objective = "diffusion"  # diffusion | flow_matching (rectified flow, jaxdiff.flow)
     config.diffusion.schedule = "linear"  # linear | cosine | sigmoid
     config.diffusion.num_timesteps = 1000
     config.diffusion.beta_start = 1e-4

@@ -210,3 +210,35 @@ def test_eval_reports_finite_bits_per_dim(trained_workdir):
     # under any sensible density, but the bound of a 6-step model may exceed that, so only sanity.
     assert np.isfinite(out["vlb_bpd"]) and out["vlb_bpd"] > 0
     assert np.isfinite(out["ode_bpd"]) and out["ode_nfe"] > 0
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "flow_matching"])
+def test_first_step_loss_matches_the_objective_at_a_zero_network(objective):
+    """The UNet's output layer starts at zero, so the first loss is E||target||^2: E[eps^2] = 1 for
+    epsilon prediction and E[(eps - x0)^2] = 1 + E[x0^2] for flow matching (statistical check)."""
+    config = tiny_config()
+    config.diffusion.objective = objective
+    model = make_model(config.model, num_classes=None, learned_variance=False)
+    tx = make_optimizer(1e-3)
+    state = create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
+    batch = data.get_batch(data.make_source("digits"), 0, global_batch_size=256, seed=0)
+    _, metrics = train_step(state, {"image": jnp.asarray(batch["image"]), "index": jnp.asarray(batch["index"])},
+                            jax.random.key(3), apply_fn=model.apply, tx=tx, schedule=make_schedule(config.diffusion),
+                            objective=objective)
+    x0_sq = float(np.mean(batch["image"].astype(np.float64) ** 2))
+    want = 1.0 if objective == "diffusion" else 1.0 + x0_sq
+    n = batch["image"].size  # chi-square mean of n terms: relative sd sqrt(2/n) for eps^2
+    assert abs(float(metrics["loss"]) - want) < 5 * want * np.sqrt(2.0 / n) + 0.02
+
+
+def test_flow_matching_config_trains_and_samples(tmp_path):
+    config = tiny_config(num_steps=2, checkpoint_every=2)
+    config.diffusion.objective = "flow_matching"
+    config.sample.sampler = "heun"
+    loop.train_and_evaluate(config, str(tmp_path))
+    assert os.path.exists(tmp_path / "samples" / "final.png")
+    bad = tiny_config()
+    bad.diffusion.objective = "flow_matching"
+    bad.sample.sampler = "dpm_solver++"
+    with pytest.raises(ValueError, match="sample.sampler"):
+        loop.train_and_evaluate(bad, str(tmp_path / "bad"))

@@ -26,6 +26,8 @@ def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int 
         raise ValueError(f"num_examples and batch_size must be positive and ode_examples >= 0, got "
                          f"{num_examples}, {batch_size}, {ode_examples}")
     config, model, schedule, params, num_classes, image_shape = load_workdir(workdir)
+    if config.diffusion.get("objective", "diffusion") != "diffusion":
+        raise ValueError(f"{workdir} trained a {config.diffusion.objective!r} model; eval needs a diffusion model")
     source = data.make_source(config.data.name, config.data.split, config.data.data_dir or None)
     images = data.get_batch(source, 0, global_batch_size=num_examples, seed=seed,
                             image_size=config.data.image_size or None)["image"]

@@ -60,7 +60,8 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
     fn = jax.jit(functools.partial(
         sampling.generate, model.apply, schedule=schedule, image_shape=image_shape, sampler=sampler,
         num_classes=num_classes, prediction=config.diffusion.prediction,
-        learned_variance=config.diffusion.learned_variance, clip_x0=sm.clip_x0))
+        learned_variance=config.diffusion.learned_variance, clip_x0=sm.clip_x0,
+        objective=config.diffusion.get("objective", "diffusion")))
     labels = grid_labels(num_samples, num_classes)
     key = jax.random.key(seed)
     chunks = []

@@ -112,14 +112,14 @@ def train_and_evaluate(config, workdir: str):
     step_fn = functools.partial(
         train_step, apply_fn=model.apply, tx=tx, schedule=schedule, prediction=df.prediction,
         weighting=df.weighting, min_snr_gamma=df.min_snr_gamma, learned_variance=df.learned_variance,
-        ema_decay=tr.ema_decay, num_classes=num_classes, label_dropout=tr.label_dropout)
+        ema_decay=tr.ema_decay, num_classes=num_classes, label_dropout=tr.label_dropout, objective=df.objective)
     p_step = par.compile_step(step_fn)
     state = par.put_state(host_state)
 
     sample_fn = jax.jit(functools.partial(
         sampling.generate, model.apply, schedule=schedule, image_shape=image_shape, sampler=sm.sampler,
         num_classes=num_classes, prediction=df.prediction, learned_variance=df.learned_variance,
-        clip_x0=sm.clip_x0))
+        clip_x0=sm.clip_x0, objective=df.objective))
     labels = grid_labels(sm.num_samples, num_classes)
 
     def write_samples(host_params, name: str):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxdiff import samplers
+from jaxdiff import flow, samplers
 from jaxdiff.schedules import Schedule
 
 __all__ = ["guided_model_fn", "generate", "to_uint8", "make_grid", "save_grid"]
@@ -40,7 +40,7 @@ def guided_model_fn(apply_fn: Callable, params, labels, *, num_classes: int | No
 
 def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_shape, *, sampler: str = "ddim",
              num_steps=50, eta=0.0, guidance=1.0, num_classes: int | None = None, prediction: str = "epsilon",
-             learned_variance: bool = False, clip_x0: bool = True) -> jax.Array:
+             learned_variance: bool = False, clip_x0: bool = True, objective: str = "diffusion") -> jax.Array:
     """Samples ``[N, H, W, C]`` float images in about ``[-1, 1]``; ``labels`` ``[N]`` int (ignored if unconditional).
 
     Pure and jittable: wrap it in ``jax.jit`` with ``static_argnames`` for the strings and
@@ -48,6 +48,9 @@ def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_
     """
     c = image_shape[-1]
     guided = guided_model_fn(apply_fn, params, labels, num_classes=num_classes, guidance=guidance, channels=c)
+    if objective == "flow_matching":  # sampler is "euler" or "heun" on the velocity field
+        return flow.sample(flow.with_time_scale(guided), key, (labels.shape[0], *image_shape), method=sampler,
+                           num_steps=num_steps)
     use_learned = learned_variance and sampler == "ddpm"
     model_fn = guided if use_learned or not learned_variance else (lambda x, t: guided(x, t)[..., :c])
     extra = {"variance": "learned_range"} if use_learned else {}

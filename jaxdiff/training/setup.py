@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxdiff import schedules
+from jaxdiff import flow, schedules
 from jaxdiff.diffusion import PREDICTIONS
 from jaxdiff.losses import WEIGHTINGS
 from jaxdiff.models import UNet, check_image_size
@@ -18,6 +18,7 @@ from jaxdiff.training.parallel import MODES
 __all__ = ["validate_config", "make_schedule", "make_model", "SCHEDULES"]
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
+OBJECTIVES = ("diffusion", "flow_matching")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -46,6 +47,13 @@ def validate_config(config, *, num_devices: int, image_shape=None) -> None:
               f"must be divisible by the number of devices ({num_devices})")
     if config.parallel.mode not in MODES:
         _fail("parallel.mode", config.parallel.mode, f"must be one of {MODES}")
+    if df.objective not in OBJECTIVES:
+        _fail("diffusion.objective", df.objective, f"must be one of {OBJECTIVES}")
+    if df.objective == "flow_matching":
+        if sm.sampler not in flow.METHODS:
+            _fail("sample.sampler", sm.sampler, f"flow matching samples with one of {flow.METHODS}")
+        if df.learned_variance:
+            _fail("diffusion.learned_variance", True, "flow matching has no variance to learn")
     if df.schedule not in SCHEDULES:
         _fail("diffusion.schedule", df.schedule, f"must be one of {SCHEDULES}")
     if df.num_timesteps <= 0:

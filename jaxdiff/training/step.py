@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import losses
+from jaxdiff import flow, losses
 from jaxdiff.schedules import Schedule
 from jaxdiff.training.state import TrainState
 
@@ -30,7 +30,8 @@ def example_keys(root: jax.Array, step: jax.Array, index: jax.Array) -> jax.Arra
 def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn: Callable, tx: optax.GradientTransformation,
                schedule: Schedule, prediction: str = "epsilon", weighting: str = "uniform", min_snr_gamma: float = 5.0,
                learned_variance: bool = False, ema_decay: float = 0.9999, num_classes: int | None = None,
-               label_dropout: float = 0.0, axis_name: str | None = None) -> tuple[TrainState, dict[str, Any]]:
+               label_dropout: float = 0.0, objective: str = "diffusion",
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step on a (local shard of a) global batch.
 
     Args:
@@ -41,6 +42,9 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
         module's ``apply``).
       label_dropout: probability of replacing a label by the null label ``num_classes``
         (classifier-free guidance training).
+      objective: ``"diffusion"`` (:func:`jaxdiff.losses.diffusion_loss` on ``schedule``) or
+        ``"flow_matching"`` (:func:`jaxdiff.flow.flow_matching_loss`, ``t ~ U[0, 1)`` fed to the
+        network as ``999 t``).
       axis_name: the mapped axis to average gradients and metrics over (``pmap``), or None when
         the batch is a global array (``jit`` with shardings).
     Returns: the new state (the old one where the loss or a gradient is not finite) and metrics
@@ -49,7 +53,10 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
     keys = example_keys(root_key, state.step, batch["index"])
     sub = jax.vmap(lambda k: jax.random.split(k, 4))(keys)  # [B, 4]: t, noise, dropout, label
     x0 = batch["image"]
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(sub[:, 0])
+    if objective == "flow_matching":
+        t = jax.vmap(lambda k: jax.random.uniform(k, ()))(sub[:, 0])
+    else:
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(sub[:, 0])
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(sub[:, 1])
     y = None
     if num_classes is not None:
@@ -64,6 +71,8 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
         def model_fn(x_t, tt):
             return jax.vmap(one, in_axes=(0, 0, None if y is None else 0, 0))(x_t, tt, y, sub[:, 2])
 
+        if objective == "flow_matching":
+            return flow.flow_matching_loss(flow.with_time_scale(model_fn), x0, root_key, t=t, noise=noise)
         return losses.diffusion_loss(schedule, model_fn, x0, root_key, prediction=prediction, weighting=weighting,
                                      min_snr_gamma=min_snr_gamma, learned_variance=learned_variance, t=t, noise=noise)
 
