@@ -187,7 +187,7 @@ CONVERGENCE = [
     ("euler", {}, ({}, {}), 10, 100),
     ("heun", {}, ({}, {}), 5, 25),
     ("euler_ancestral", {}, ({"eta": 0.5}, {"eta": 1.0}), 20, 250),
-    ("pc", {"num_corrector_steps": 1}, ({"snr": 0.16}, {"snr": 0.16}), 10, 150),
+    ("pc", {"num_corrector_steps": 1}, ({"snr": 0.2}, {"snr": 0.16}), 10, 150),
     ("ode", {}, ({"rtol": 1e-2, "atol": 1e-2}, {"rtol": 1e-5, "atol": 1e-5}), None, None),
 ]
 

@@ -6,7 +6,8 @@ At each of ``n`` evenly spaced timesteps ``t_i`` (the DDPM/DDIM grid, :func:`spa
    (``LangevinCorrector`` of the reference code):
    ``eps_step = 2 alpha_i (snr ||z|| / ||score||)^2``, ``x <- x + eps_step score + sqrt(2 eps_step) z``,
    with ``alpha_i = 1 - beta_{t_i}`` (VP) or 1 (VE). As in the reference code the two norms are
-   per-example norms averaged over the batch, so one step size serves the batch.
+   per-example norms averaged over the batch, so one step size serves the batch (0 when the
+   score is identically 0).
 2. **predictor**: one ancestral (reverse-diffusion) step ``t_i -> t_{i+1}``: the respaced DDPM
    posterior (:func:`jaxdiff.samplers.ddpm.ddpm_step_between`), whose last step (to ``t = -1``)
    returns the ``x0`` estimate.
@@ -46,7 +47,10 @@ def langevin_step(schedule: Schedule, model_output, x_t, t, key, *, snr=0.16, pr
     score = d.score_from_eps(schedule, t, eps)
     z = jax.random.normal(key, x_t.shape, x_t.dtype)
     alpha = schedule.alphas[t[0]] if schedule.kind == "vp" else jnp.ones((), jnp.float32)
-    step = 2.0 * alpha * (snr * _norms(z) / _norms(score)) ** 2
+    grad_norm = _norms(score)
+    # A zero score (e.g. a freshly initialized network with a zero output layer) gives no
+    # direction and an infinite step: skip the correction then.
+    step = jnp.where(grad_norm > 0, 2.0 * alpha * (snr * _norms(z) / jnp.maximum(grad_norm, 1e-30)) ** 2, 0.0)
     return x_t + step * score + jnp.sqrt(2.0 * step) * z
 
 
