@@ -46,6 +46,7 @@ JAX_ROWS = [
     ("ddpm", "ddpm", {}),
     ("dpm_solver++ (2M)", "dpm_solver++", {}),
     ("dpm_solver++ (3M)", "dpm_solver++", {"order": 3}),
+    ("dpm_solver++ (3M, 3rd order to the end)", "dpm_solver++", {"order": 3, "lower_order_final": False}),
     ("euler", "euler", {}),
     ("heun", "heun", {}),
     ("euler_ancestral", "euler_ancestral", {}),

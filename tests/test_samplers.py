@@ -247,6 +247,57 @@ def test_order_of_convergence(name, options, runtime, ns, order):
     assert order - 0.3 < p < order + 1.0, p
 
 
+def _edm_heun_reference(y_max, m, s, sigma_min, sigma_max, n, rho=7.0):
+    """EDM Algorithm 1 (deterministic, no churn) in float64 NumPy for 1-D data ``N(m, s^2)``,
+    whose denoiser is exact: ``D(y, sigma) = m + s^2 / (s^2 + sigma^2) (y - m)``."""
+    i = np.arange(n, dtype=np.float64)
+    sig = (sigma_max ** (1 / rho) + i / max(n - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    sig = np.append(sig, 0.0)
+    deriv = lambda y, sg: (y - (m + s**2 / (s**2 + sg**2) * (y - m))) / sg  # noqa: E731
+    y = np.asarray(y_max, np.float64)
+    for a, b in zip(sig[:-1], sig[1:]):
+        d_a = deriv(y, a)
+        y_next = y + (b - a) * d_a
+        if b > 0:
+            y_next = y + (b - a) * 0.5 * (d_a + deriv(y_next, b))
+        y = y_next
+    return y
+
+
+@pytest.mark.parametrize("n", [2, 5, 10])
+def test_heun_is_edm_algorithm_1(n):
+    """Heun equals EDM Algorithm 1 written in NumPy (float64) on Gaussian data, where the denoiser
+    is exact, and converges to the PF-ODE's analytic solution
+    ``y(0) = m + s (y_max - m) / sqrt(s^2 + sigma_max^2)`` at second order (measured max error
+    0.047 at 25 steps, 0.0023 at 100, over 64 points). The network is given the noise level through the test's
+    own log-SNR table (``reference.linear_betas``, interpolated linearly in t)."""
+    from reference import linear_betas
+
+    T, m, s = 1000, 0.3, 0.5
+    abar = np.cumprod(1.0 - linear_betas(T))
+    lam_table = jnp.asarray(np.log(abar / (1.0 - abar)), jnp.float32)
+    sigma_min, sigma_max = np.sqrt((1 - abar[0]) / abar[0]), np.sqrt((1 - abar[-1]) / abar[-1])
+
+    def eps_model(x, t):  # x in VP coordinates at fractional t
+        sigma = jnp.exp(-0.5 * jnp.interp(t, jnp.arange(T, dtype=jnp.float32), lam_table))[:, None]
+        y = x * jnp.sqrt(1.0 + sigma**2)
+        return (y - (m + s**2 / (s**2 + sigma**2) * (y - m))) / sigma
+
+    x_T = jax.random.normal(jax.random.key(3), (64, 1))
+    y_max = np.asarray(x_T, np.float64) * np.sqrt(1.0 + sigma_max**2)
+    exact = m + s * (y_max - m) / np.sqrt(s**2 + sigma_max**2)
+    err = {}
+    for steps in (n, 25, 100):
+        x, info = sample_with_info(LIN, eps_model, jax.random.key(0), (64, 1), sampler="heun", num_steps=steps,
+                                   x_T=x_T)
+        assert int(info["nfe"]) == 2 * steps - 1
+        x = np.asarray(x, np.float64)
+        ref = _edm_heun_reference(y_max, m, s, sigma_min, sigma_max, steps)
+        np.testing.assert_allclose(x, ref, rtol=2e-4, atol=2e-4)
+        err[steps] = np.abs(x - exact).max()
+    assert err[100] < 5e-3 and err[25] / err[100] > 4**1.8, err
+
+
 # --------------------------------------------------------------------------- parameterizations
 
 

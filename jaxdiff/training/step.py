@@ -20,6 +20,9 @@ from jaxdiff.training.state import TrainState
 
 __all__ = ["example_keys", "train_step"]
 
+# optax.tree.norm replaces the deprecated optax.global_norm (older optax has only the latter).
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 
 def example_keys(root: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
     """``[B]`` keys ``fold_in(fold_in(root, step), index[b])`` for the examples at global positions ``index``."""
@@ -83,7 +86,7 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree_util.tree_map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = _tree_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     # Never let a non-finite update into the state: keep the old values (step still advances
