@@ -54,6 +54,11 @@ def karras_sigmas(schedule: Schedule, num_steps, i, rho=7.0) -> jax.Array:
     return jnp.where(jnp.asarray(i) >= num_steps, 0.0, sigma)
 
 
+def _step_sigmas(schedule: Schedule, num_steps, i, rho):
+    """``(sigma_i, sigma_{i+1})`` of step ``i`` on the Karras grid."""
+    return karras_sigmas(schedule, num_steps, i, rho), karras_sigmas(schedule, num_steps, i + 1, rho)
+
+
 def _setup(schedule: Schedule, model_fn: Callable, x_T, prediction: str, clip_x0: bool):
     """Returns ``(y_T, eps_fn)``: the VE-view start and ``eps_fn(y, sigma) -> (x0_hat, eps_hat)``."""
     denoise = denoiser(schedule, model_fn, prediction, clip_x0)
@@ -78,7 +83,7 @@ def euler(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=No
     y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0)
 
     def body(i, y):
-        sigma, sigma_next = karras_sigmas(schedule, num_steps, i, rho), karras_sigmas(schedule, num_steps, i + 1, rho)
+        sigma, sigma_next = _step_sigmas(schedule, num_steps, i, rho)
         x0, eps = eps_fn(y, sigma)
         return jnp.where(sigma_next > 0, y + (sigma_next - sigma) * eps, x0)
 
@@ -96,7 +101,7 @@ def heun(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=Non
     y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0)
 
     def body(i, y):
-        sigma, sigma_next = karras_sigmas(schedule, num_steps, i, rho), karras_sigmas(schedule, num_steps, i + 1, rho)
+        sigma, sigma_next = _step_sigmas(schedule, num_steps, i, rho)
         x0, eps = eps_fn(y, sigma)
         y_euler = y + (sigma_next - sigma) * eps
 
@@ -123,7 +128,7 @@ def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_ste
     y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0)
 
     def body(i, y):
-        sigma, sigma_next = karras_sigmas(schedule, num_steps, i, rho), karras_sigmas(schedule, num_steps, i + 1, rho)
+        sigma, sigma_next = _step_sigmas(schedule, num_steps, i, rho)
         x0, eps = eps_fn(y, sigma)
         var_up = sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
         sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(jnp.maximum(var_up, 0.0)))
