@@ -20,6 +20,9 @@ from jaxdiff.schedules import Schedule
 
 __all__ = [
     "PREDICTIONS",
+    "VARIANCES",
+    "check_prediction",
+    "check_variance",
     "alpha_sigma",
     "q_sample",
     "q_mean_variance",
@@ -36,9 +39,13 @@ __all__ = [
     "normal_kl",
     "to_vp",
     "from_vp",
+    "split_variance_output",
+    "model_log_variance",
+    "p_mean_variance",
 ]
 
 PREDICTIONS = ("epsilon", "x0", "v", "score")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # of the reverse model p(x_{t-1} | x_t)
 
 
 # --------------------------------------------------------------------------- checks
@@ -48,6 +55,12 @@ def check_prediction(prediction: str) -> str:
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     return prediction
+
+
+def check_variance(variance: str, allowed: tuple[str, ...] = VARIANCES) -> str:
+    if variance not in allowed:
+        raise ValueError(f"variance must be one of {allowed}, got {variance!r}")
+    return variance
 
 
 def check_t(t, x, name: str = "x") -> jax.Array:
@@ -267,3 +280,69 @@ def sum_flat(x: jax.Array) -> jax.Array:
 
 
 LOG2 = float(np.log(2.0))
+
+
+# --------------------------------------------------------------------------- the reverse model
+
+
+def split_variance_output(model_output, x_t, variance: str):
+    """``(prediction [B, ..., C], variance_values [B, ..., C] | None)`` of a network output.
+
+    For ``variance="learned_range"`` the output has ``2C`` channels whose last ``C`` are the
+    variance values ``v`` in ``[-1, 1]``; otherwise it has ``C`` channels.
+    """
+    check_variance(variance)
+    if variance != "learned_range":
+        return model_output, None
+    c = x_t.shape[-1]
+    if model_output.shape[-1] != 2 * c:
+        raise ValueError(f"variance='learned_range' needs model_output with 2C={2 * c} channels, "
+                         f"got shape {model_output.shape}")
+    return model_output[..., :c], model_output[..., c:]
+
+
+def model_log_variance(variance: str, log_small, log_beta, values=None, *, log_large=None):
+    """The log variance of ``p(x_{t-1} | x_t)`` for a variance choice (arrays broadcast against ``x_t``).
+
+    ``fixed_small``: ``log_small`` (the posterior's beta-tilde); ``fixed_large``: ``log_large``
+    (default ``log_beta``); ``learned_range``: ``frac log_beta + (1 - frac) log_small`` with
+    ``frac = (values + 1) / 2`` (Nichol & Dhariwal 2021, eq. 15, with their code's ``[-1, 1]`` input).
+    """
+    if variance == "fixed_small":
+        return log_small
+    if variance == "fixed_large":
+        return log_beta if log_large is None else log_large
+    check_variance(variance)
+    frac = (values + 1.0) / 2.0
+    return frac * log_beta + (1.0 - frac) * log_small
+
+
+def p_mean_variance(schedule: Schedule, model_output, x_t, t, *, prediction: str = "epsilon",
+                    variance: str = "fixed_small", clip_x0: bool = False):
+    """The reverse model ``p(x_{t-1} | x_t)``: ``(mean, variance, log_variance, x0_hat, eps_hat)``.
+
+    ``model_output`` is ``[B, ..., C]`` or, for ``variance="learned_range"``, ``[B, ..., 2C]``
+    (see :func:`split_variance_output` and :func:`model_log_variance`). ``fixed_large`` uses
+    ``beta_t``, with ``beta-tilde_1`` at ``t = 0`` as Ho et al.'s code; ``learned_range``
+    interpolates towards ``log beta_t`` at every ``t``, ``t = 0`` included (Nichol & Dhariwal's
+    code). Means and variances are in the schedule's coordinates at ``t - 1``; all arrays are
+    like ``x_t`` (``[B, ...]``).
+    """
+    check_prediction(prediction)
+    t = check_t(t, x_t, "x_t")
+    model_output, values = split_variance_output(model_output, x_t, variance)
+    x0_hat, eps_hat = x0_eps_from_prediction(schedule, model_output, x_t, t, prediction)
+    if clip_x0:
+        x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+    mean, _, small_logvar = q_posterior(schedule, x0_hat, x_t, t)
+    tc = jnp.clip(t, 0, schedule.num_timesteps - 1)
+    log_beta = jnp.log(schedule.betas[tc])
+    large_log = jnp.where(tc == 0, jnp.log(schedule.posterior_variance[1 % schedule.num_timesteps]), log_beta)
+    bshape = t.shape + (1,) * (x_t.ndim - 1)
+    large_log, log_beta = large_log.reshape(bshape), log_beta.reshape(bshape)
+    if schedule.kind == "ve":
+        to_ve = jnp.log(schedule.alphas_cumprod_prev[tc]).reshape(bshape)
+        large_log, log_beta = large_log - to_ve, log_beta - to_ve
+    logvar = model_log_variance(variance, small_logvar, log_beta, values, log_large=large_log)
+    logvar = jnp.broadcast_to(logvar, x_t.shape)
+    return mean, jnp.exp(logvar), logvar, x0_hat, eps_hat

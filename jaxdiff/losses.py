@@ -21,11 +21,9 @@ from jaxdiff.schedules import Schedule
 
 __all__ = [
     "WEIGHTINGS",
-    "VARIANCES",
     "snr",
     "loss_weight",
     "diffusion_loss",
-    "p_mean_variance",
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
     "vlb_term",
@@ -34,7 +32,6 @@ __all__ = [
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 WEIGHTINGS = ("uniform", "min_snr", "elbo")
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
 def _check_choice(value: str, choices, name: str) -> str:
@@ -87,50 +84,6 @@ def loss_weight(schedule: Schedule, t, *, prediction: str, weighting: str, min_s
     if weighting == "min_snr" and prediction == "v":
         return jnp.minimum(snr_t, min_snr_gamma) / (snr_t + 1.0)  # == w_x0 * (1 - abar)
     return w_x0 * k
-
-
-def p_mean_variance(schedule: Schedule, model_output, x_t, t, *, prediction: str = "epsilon",
-                    variance: str = "fixed_small", clip_x0: bool = False):
-    """The reverse model ``p(x_{t-1} | x_t)``: ``(mean, variance, log_variance, x0_hat, eps_hat)``.
-
-    ``model_output`` is ``[B, ..., C]`` or, for ``variance="learned_range"``, ``[B, ..., 2C]``
-    whose last ``C`` channels ``v`` in ``[-1, 1]`` interpolate the log variance
-    ``frac log(beta_t) + (1 - frac) log(beta-tilde_t)``, ``frac = (v + 1) / 2`` (Nichol & Dhariwal).
-    ``fixed_large`` uses ``beta_t`` (with ``beta-tilde_1`` at ``t = 0``, as Ho et al.'s code).
-    Means and variances are in the schedule's coordinates at ``t - 1``.
-    """
-    _check_choice(variance, VARIANCES, "variance")
-    d.check_prediction(prediction)
-    t = d.check_t(t, x_t, "x_t")
-    if variance == "learned_range":
-        c = x_t.shape[-1]
-        if model_output.shape[-1] != 2 * c:
-            raise ValueError(
-                f"variance='learned_range' needs model_output with 2C={2 * c} channels, got shape {model_output.shape}"
-            )
-        model_output, var_values = model_output[..., :c], model_output[..., c:]
-    x0_hat, eps_hat = d.x0_eps_from_prediction(schedule, model_output, x_t, t, prediction)
-    if clip_x0:
-        x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-    mean, _, small_logvar = d.q_posterior(schedule, x0_hat, x_t, t)
-    tc = jnp.clip(t, 0, schedule.num_timesteps - 1)
-    log_beta = jnp.log(schedule.betas[tc])
-    # fixed_large: beta_t, with beta-tilde_1 at t = 0 (Ho et al.'s code); learned_range
-    # interpolates towards log(beta_t) itself at every t, t = 0 included (Nichol & Dhariwal's code).
-    large_log = jnp.where(tc == 0, jnp.log(schedule.posterior_variance[1 % schedule.num_timesteps]), log_beta)
-    bshape = t.shape + (1,) * (x_t.ndim - 1)
-    large_log, log_beta = large_log.reshape(bshape), log_beta.reshape(bshape)
-    if schedule.kind == "ve":
-        to_ve = jnp.log(schedule.alphas_cumprod_prev[tc]).reshape(bshape)
-        large_log, log_beta = large_log - to_ve, log_beta - to_ve
-    if variance == "fixed_small":
-        logvar = jnp.broadcast_to(small_logvar, x_t.shape)
-    elif variance == "fixed_large":
-        logvar = jnp.broadcast_to(large_log, x_t.shape)
-    else:
-        frac = (var_values + 1.0) / 2.0
-        logvar = frac * log_beta + (1.0 - frac) * small_logvar
-    return mean, jnp.exp(logvar), logvar, x0_hat, eps_hat
 
 
 def diffusion_loss(
@@ -232,7 +185,7 @@ def vlb_term(schedule: Schedule, model_output, x0, x_t, t, *, prediction: str = 
     for ``t > 0`` and the decoder ``L_0 = -log p(x0 | x_1)`` (discretized Gaussian) at ``t = 0``."""
     t = d.check_t(t, x_t, "x_t")
     true_mean, _, true_logvar = d.q_posterior(schedule, x0, x_t, t)
-    mean, _, logvar, _, _ = p_mean_variance(schedule, model_output, x_t, t, prediction=prediction,
+    mean, _, logvar, _, _ = d.p_mean_variance(schedule, model_output, x_t, t, prediction=prediction,
                                             variance=variance, clip_x0=clip_x0)
     kl = d.mean_flat(d.normal_kl(true_mean, true_logvar, mean, logvar)) / d.LOG2
     nll = -d.mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / d.LOG2
@@ -249,7 +202,7 @@ def variational_bound(schedule: Schedule, model_fn: ModelFn, x0: jax.Array, key:
 
     Returns ``{"total_bpd": [B], "prior_bpd": [B], "terms_bpd": [B, T]}``.
     """
-    _check_choice(variance, VARIANCES, "variance")
+    d.check_variance(variance)
     b = x0.shape[0]
     dims = x0[0].size
 

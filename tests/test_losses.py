@@ -357,7 +357,7 @@ def test_p_mean_variance(kind, variance, prediction):
     if variance == "learned_range":
         out[..., 2:] = np.tanh(out[..., 2:])
         out[0, 0, 0, 2:] = [-1.0, 1.0]  # both ends of the range at t = 0
-    mean, var, logvar, x0_hat, eps_hat = L.p_mean_variance(sched, jnp.asarray(out), jnp.asarray(x_t),
+    mean, var, logvar, x0_hat, eps_hat = d.p_mean_variance(sched, jnp.asarray(out), jnp.asarray(x_t),
                                                            jnp.asarray(t), prediction=prediction, variance=variance)
     want_mean, want_logvar, want_x0 = _pmv_reference(kind, _f64(out), _f64(x_t), t, prediction, variance)
     assert mean.shape == logvar.shape == var.shape == SHAPE
@@ -373,7 +373,7 @@ def test_learned_range_reaches_beta_at_t0():
     """Nichol & Dhariwal's code interpolates towards log(beta_t) at every t, t = 0 included."""
     x_t = jnp.zeros((2, 1, 1, 1))
     out = jnp.asarray([[[[0.0, 1.0]]], [[[0.0, -1.0]]]])
-    _, var, _, _, _ = L.p_mean_variance(LIN, out, x_t, jnp.array([0, 0]), variance="learned_range")
+    _, var, _, _, _ = d.p_mean_variance(LIN, out, x_t, jnp.array([0, 0]), variance="learned_range")
     np.testing.assert_allclose(_f64(var).ravel(), [1e-4, LIN_F["posterior_variance"][1]], rtol=1e-5)
 
 
@@ -468,7 +468,7 @@ def test_bound_upper_bounds_continuous_mixture_nll():
         eps = jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(k, t), x.shape))(jnp.arange(T))
         t0 = jnp.zeros((n,), jnp.int32)
         x1 = d.q_sample(LIN, x, t0, eps[0])
-        return bound, eps, L.p_mean_variance(LIN, fn(x1, t0), x1, t0)[0]  # decoder mean mu_theta(x_1, 0)
+        return bound, eps, d.p_mean_variance(LIN, fn(x1, t0), x1, t0)[0]  # decoder mean mu_theta(x_1, 0)
 
     bound, eps, mean = run(x0, key)
     kl_nats = (_f64(bound["prior_bpd"]) + _f64(bound["terms_bpd"][:, 1:]).sum(1)) * dim * np.log(2)
@@ -530,7 +530,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=r"prediction must be one of"):
         L.loss_weight(LIN, t, prediction="noise", weighting="min_snr")
     with pytest.raises(ValueError, match=r"variance must be one of .*'learned'"):
-        L.p_mean_variance(LIN, noise, x0, t, variance="learned")
+        d.p_mean_variance(LIN, noise, x0, t, variance="learned")
     with pytest.raises(ValueError, match=r"variance must be one of"):
         L.variational_bound(LIN, fn, x0, jax.random.key(0), variance="large")
     with pytest.raises(ValueError, match=r"x0 and noise.*\(5, 3, 3, 2\).*\(5, 3, 3, 1\)"):
@@ -559,8 +559,8 @@ def test_model_output_shape_errors():
     with pytest.raises(ValueError, match=r"expected \(5, 3, 3, 2\).*learned_variance=False"):
         L.diffusion_loss(LIN, functools.partial(mlp, PARAMS_LV), x0, key)
     with pytest.raises(ValueError, match=r"learned_range.*2C=4.*\(5, 3, 3, 2\)"):
-        L.p_mean_variance(LIN, noise, x0, t, variance="learned_range")
+        d.p_mean_variance(LIN, noise, x0, t, variance="learned_range")
     with pytest.raises(ValueError, match=r"learned_range.*2C=4"):
         L.vlb_term(LIN, noise, x0, x0, t, variance="learned_range")
     with pytest.raises(ValueError, match=r"model_output has shape \(5, 3, 3, 4\) but x_t has shape \(5, 3, 3, 2\)"):
-        L.p_mean_variance(LIN, jnp.zeros((5, 3, 3, 4)), x0, t, variance="fixed_small")
+        d.p_mean_variance(LIN, jnp.zeros((5, 3, 3, 4)), x0, t, variance="fixed_small")

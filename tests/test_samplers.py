@@ -162,7 +162,7 @@ def test_registry_is_one_explicit_dict():
     model, key = MIX.model_fn(LIN), jax.random.key(0)
     with pytest.raises(ValueError, match="sampler must be one of"):
         sample(LIN, model, key, (4, 2), sampler="nope")
-    with pytest.raises(ValueError, match="does not take option"):
+    with pytest.raises(ValueError, match="does not take order"):
         sample(LIN, model, key, (4, 2), sampler="heun", order=2)
     with pytest.raises(ValueError, match="does not take eta"):
         sample(LIN, model, key, (4, 2), sampler="heun", eta=0.5)

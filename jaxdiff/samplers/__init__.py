@@ -1,24 +1,27 @@
-"""Reverse-process samplers: single steps, one module per sampler family, one entry point.
+"""Reverse-process samplers: single steps, one module per sampler family, one registry, one entry point.
 
 Use :func:`sample` / :func:`sample_with_info` with ``sampler=`` one of the keys of
 :data:`SAMPLERS` (``"ddpm"``, ``"ddim"``, ``"dpm_solver++"``/``"dpm++2m"``, ``"euler"``,
-``"heun"``, ``"euler_ancestral"``, ``"pc"``, ``"ode"``).
+``"heun"``, ``"euler_ancestral"``, ``"pc"``, ``"ode"``); :mod:`jaxdiff.samplers.registry`
+says what each accepts.
 """
 
-from jaxdiff.samplers.common import t_from_log_snr, t_from_sigma
-from jaxdiff.samplers.ddim import ddim_sigma, ddim_step
-from jaxdiff.samplers.ddpm import ddpm_step, ddpm_step_between, respaced_posterior
+from jaxdiff.samplers import registry
+from jaxdiff.samplers.common import prior_sample, run_loop, spaced_timesteps, t_from_log_snr, t_from_sigma
+from jaxdiff.samplers.ddim import ddim_loop, ddim_sigma, ddim_step
+from jaxdiff.samplers.ddpm import ddpm_loop, ddpm_step, ddpm_step_between, respaced_posterior
 from jaxdiff.samplers.dpm_solver import dpm_solver_pp
-from jaxdiff.samplers.driver import (
-    SAMPLERS,
-    Sampler,
-    nfe,
-    prior_sample,
-    run_loop,
-    sample,
-    sample_with_info,
-    spaced_timesteps,
-)
+from jaxdiff.samplers.driver import sample, sample_with_info
 from jaxdiff.samplers.karras import euler, euler_ancestral, heun, karras_sigmas
 from jaxdiff.samplers.ode import pf_ode_drift, probability_flow
 from jaxdiff.samplers.pc import langevin_step, predictor_corrector
+from jaxdiff.samplers.registry import SAMPLERS, Sampler, nfe
+
+__all__ = [
+    "SAMPLERS", "Sampler", "registry", "nfe", "sample", "sample_with_info",
+    "ddpm_step", "ddpm_step_between", "respaced_posterior", "ddpm_loop",
+    "ddim_step", "ddim_sigma", "ddim_loop",
+    "dpm_solver_pp", "euler", "heun", "euler_ancestral", "karras_sigmas",
+    "predictor_corrector", "langevin_step", "probability_flow", "pf_ode_drift",
+    "prior_sample", "run_loop", "spaced_timesteps", "t_from_log_snr", "t_from_sigma",
+]

@@ -33,6 +33,7 @@ __all__ = [
     "alpha_sigma_from_log_snr",
     "denoiser",
     "check_num_steps",
+    "one_per_step",
 ]
 
 
@@ -123,4 +124,9 @@ def check_num_steps(num_steps, name: str = "num_steps", upper: int | None = None
         if num_steps < 1 or (upper is not None and num_steps > upper):
             bound = f"[1, {upper}]" if upper is not None else ">= 1"
             raise ValueError(f"{name} must be {bound}, got {num_steps}")
+    return num_steps
+
+
+def one_per_step(num_steps):
+    """NFE of a sampler that evaluates the network once per step: ``n``."""
     return num_steps

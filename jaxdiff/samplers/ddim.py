@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion as d
+from jaxdiff.samplers.common import check_num_steps, one_per_step, run_loop, spaced_timesteps
 from jaxdiff.samplers.ddpm import respaced_posterior, step_noise
 from jaxdiff.schedules import Schedule
 
-__all__ = ["ddim_step", "ddim_sigma"]
+__all__ = ["ddim_step", "ddim_sigma", "ddim_loop", "ddim_nfe"]
+
+ddim_nfe = one_per_step
 
 
 def ddim_sigma(schedule: Schedule, t, t_prev, eta) -> jax.Array:
@@ -56,3 +61,22 @@ def ddim_step(schedule: Schedule, model_output, x_t, t, t_prev, key=None, *, noi
     dir_coef = jnp.sqrt(jnp.maximum(s_p**2 - sigma**2, 0.0))
     x_prev = bc(a_p) * x0_hat + bc(dir_coef) * eps_hat + bc(sigma) * z
     return d.from_vp(schedule, x_prev, t_prev)
+
+
+def ddim_loop(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=50, eta=0.0,
+              prediction: str = "epsilon", clip_x0: bool = False):
+    """DDIM(eta) on ``n`` evenly spaced timesteps, ``1 <= n <= T`` (:func:`jaxdiff.samplers.sample` caps the default at ``T``).
+
+    ``eta`` may be traced. ``model_fn(x_t [B, ...], t [B] int32) -> [B, ...]``. Returns ``(x0 [B, ...], nfe = n)``.
+    """
+    T = schedule.num_timesteps
+    num_steps = check_num_steps(num_steps, upper=T)
+    b = x_T.shape[0]
+
+    def body(i, x):
+        t, t_prev = spaced_timesteps(T, num_steps, i)
+        tb, tpb = jnp.full((b,), t), jnp.full((b,), t_prev)
+        return ddim_step(schedule, model_fn(x, tb), x, tb, tpb, jax.random.fold_in(key, i), eta=eta,
+                         prediction=prediction, clip_x0=clip_x0)
+
+    return run_loop(body, x_T, num_steps), ddim_nfe(num_steps)

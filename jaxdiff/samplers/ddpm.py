@@ -1,15 +1,19 @@
-"""DDPM ancestral steps (Ho et al. 2020, Algorithm 2), on the full or a respaced schedule."""
+"""DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), on the full or a respaced schedule."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion as d
-from jaxdiff.losses import VARIANCES, p_mean_variance
+from jaxdiff.samplers.common import check_num_steps, one_per_step, run_loop, spaced_timesteps
 from jaxdiff.schedules import Schedule
 
-__all__ = ["ddpm_step", "respaced_posterior", "ddpm_step_between", "step_noise"]
+__all__ = ["ddpm_step", "respaced_posterior", "ddpm_step_between", "step_noise", "ddpm_loop", "ddpm_nfe"]
+
+ddpm_nfe = one_per_step
 
 
 def step_noise(key, noise, x_t: jax.Array, name: str = "noise") -> jax.Array:
@@ -37,10 +41,9 @@ def ddpm_step(schedule: Schedule, model_output, x_t, t, key=None, *, noise=None,
       variance: ``"fixed_small"`` (beta-tilde), ``"fixed_large"`` (beta) or ``"learned_range"``.
     Returns: ``x_{t-1}`` ``[B, ...]``.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    d.check_variance(variance)
     t = d.check_t(t, x_t, "x_t")
-    mean, _, logvar, _, _ = p_mean_variance(schedule, model_output, x_t, t, prediction=prediction,
+    mean, _, logvar, _, _ = d.p_mean_variance(schedule, model_output, x_t, t, prediction=prediction,
                                             variance=variance, clip_x0=clip_x0)
     z = step_noise(key, noise, x_t)
     nonzero = (t > 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
@@ -81,27 +84,35 @@ def ddpm_step_between(schedule: Schedule, model_output, x_t, t, t_prev, noise, *
     ``noise`` ``[B, ...]`` is required (no noise is added where ``t_prev < 0``). Works in the
     schedule's coordinates; for a VE schedule ``x_t`` is mapped to VP coordinates and back.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-    c = x_t.shape[-1]
-    var_values = None
-    if variance == "learned_range":
-        if model_output.shape[-1] != 2 * c:
-            raise ValueError(f"variance='learned_range' needs 2C={2 * c} output channels, got {model_output.shape}")
-        model_output, var_values = model_output[..., :c], model_output[..., c:]
+    model_output, values = d.split_variance_output(model_output, x_t, variance)
     x0_hat, _ = d.x0_eps_from_prediction(schedule, model_output, x_t, t, prediction)
     if clip_x0:
         x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
     c_x0, c_xt, v_small, v_large = respaced_posterior(schedule, t, t_prev)
     bc = lambda a: a.reshape(a.shape + (1,) * (x_t.ndim - 1))  # noqa: E731
     mean = bc(c_x0) * x0_hat + bc(c_xt) * d.to_vp(schedule, x_t, t)
-    log_small = jnp.log(jnp.maximum(v_small, 1e-20))
-    if variance == "fixed_small":
-        logvar = bc(log_small)
-    elif variance == "fixed_large":
-        logvar = bc(jnp.log(v_large))
-    else:
-        frac = (var_values + 1.0) / 2.0
-        logvar = frac * bc(jnp.log(v_large)) + (1.0 - frac) * bc(log_small)
+    logvar = d.model_log_variance(variance, bc(jnp.log(jnp.maximum(v_small, 1e-20))), bc(jnp.log(v_large)), values)
     keep = bc((t_prev >= 0).astype(x_t.dtype))
     return d.from_vp(schedule, mean + keep * jnp.exp(0.5 * logvar) * noise, t_prev)
+
+
+def ddpm_loop(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=None, variance: str = "fixed_small",
+              prediction: str = "epsilon", clip_x0: bool = False):
+    """Ancestral sampling on ``n`` evenly spaced timesteps (respaced when ``n < T``; default ``n = T``).
+
+    ``model_fn(x_t [B, ...], t [B] int32) -> [B, ...]`` (``2C`` channels for ``"learned_range"``).
+    Returns ``(x0 [B, ...], nfe = n)``.
+    """
+    d.check_variance(variance)
+    T = schedule.num_timesteps
+    num_steps = check_num_steps(T if num_steps is None else num_steps, upper=T)
+    b = x_T.shape[0]
+
+    def body(i, x):
+        t, t_prev = spaced_timesteps(T, num_steps, i)
+        tb, tpb = jnp.full((b,), t), jnp.full((b,), t_prev)
+        z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return ddpm_step_between(schedule, model_fn(x, tb), x, tb, tpb, z, prediction=prediction,
+                                 variance=variance, clip_x0=clip_x0)
+
+    return run_loop(body, x_T, num_steps), ddpm_nfe(num_steps)

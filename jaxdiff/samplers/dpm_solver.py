@@ -61,7 +61,7 @@ def _log_snr_grid(schedule: Schedule, num_steps, i, spacing: str):
     return jnp.interp(t, jnp.arange(T, dtype=jnp.float32), schedule.log_snr)
 
 
-def dpm_solver_pp(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=None, order: int = 2,
+def dpm_solver_pp(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=20, order: int = 2,
                   spacing: str = "logsnr", lower_order_final: bool = True, denoise_final: bool = False,
                   prediction: str = "epsilon", clip_x0: bool = False):
     """DPM-Solver++ (multistep, orders 1-3) from ``x_T`` (schedule coordinates at ``t = T-1``) to data.
@@ -83,7 +83,7 @@ def dpm_solver_pp(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    num_steps = check_num_steps(20 if num_steps is None else num_steps)
+    num_steps = check_num_steps(num_steps)
     denoise = denoiser(schedule, model_fn, prediction, clip_x0)
     T = schedule.num_timesteps
     b = x_T.shape[0]

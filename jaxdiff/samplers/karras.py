@@ -27,15 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion as d
-from jaxdiff.samplers.common import bcast, check_num_steps, denoiser, run_loop, t_from_sigma
+from jaxdiff.samplers.common import bcast, check_num_steps, denoiser, one_per_step, run_loop, t_from_sigma
 from jaxdiff.schedules import Schedule
 
 __all__ = ["karras_sigmas", "euler", "heun", "euler_ancestral", "euler_nfe", "heun_nfe"]
 
 
-def euler_nfe(num_steps):
-    """NFE of :func:`euler` and :func:`euler_ancestral`: ``n``."""
-    return num_steps
+euler_nfe = one_per_step  # NFE of euler and euler_ancestral: n
 
 
 def heun_nfe(num_steps):
@@ -75,11 +73,11 @@ def _setup(schedule: Schedule, model_fn: Callable, x_T, prediction: str, clip_x0
     return y, eps_fn
 
 
-def euler(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=None, rho=7.0,
+def euler(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=50, rho=7.0,
           prediction: str = "epsilon", clip_x0: bool = False):
     """Euler on the Karras grid (deterministic). Returns ``(x0 [B, ...], nfe = n)``; default ``n = 50``."""
     del key
-    num_steps = check_num_steps(50 if num_steps is None else num_steps)
+    num_steps = check_num_steps(num_steps)
     y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0)
 
     def body(i, y):
@@ -90,14 +88,14 @@ def euler(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=No
     return run_loop(body, y, num_steps), euler_nfe(num_steps)
 
 
-def heun(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=None, rho=7.0,
+def heun(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=25, rho=7.0,
          prediction: str = "epsilon", clip_x0: bool = False):
     """Heun's 2nd-order method on the Karras grid (EDM Algorithm 1 without churn).
 
     Returns ``(x0 [B, ...], nfe = 2n - 1)``; default ``n = 25``.
     """
     del key
-    num_steps = check_num_steps(25 if num_steps is None else num_steps)
+    num_steps = check_num_steps(num_steps)
     y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0)
 
     def body(i, y):
@@ -115,7 +113,7 @@ def heun(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=Non
     return run_loop(body, y, num_steps), heun_nfe(num_steps)
 
 
-def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=None, eta=1.0, rho=7.0,
+def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=50, eta=1.0, rho=7.0,
                     prediction: str = "epsilon", clip_x0: bool = False):
     """Euler ancestral on the Karras grid (k-diffusion's ``sample_euler_ancestral``).
 
@@ -124,7 +122,7 @@ def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_ste
     ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``; ``eta = 1`` is the DDPM posterior in the VE view,
     ``eta = 0`` is :func:`euler`. ``eta`` may be traced. Returns ``(x0, nfe = n)``; default ``n = 50``.
     """
-    num_steps = check_num_steps(50 if num_steps is None else num_steps)
+    num_steps = check_num_steps(num_steps)
     y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0)
 
     def body(i, y):

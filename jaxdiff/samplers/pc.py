@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion as d
-from jaxdiff.losses import VARIANCES
 from jaxdiff.samplers.common import check_num_steps, run_loop, spaced_timesteps
 from jaxdiff.samplers.ddpm import ddpm_step_between
 from jaxdiff.schedules import Schedule
@@ -67,8 +66,7 @@ def predictor_corrector(schedule: Schedule, model_fn: Callable, x_T, key, *, num
         predictor) or ``"fixed_small"``.
     Returns ``(x0 [B, ...], nfe = n (M + 1))``.
     """
-    if variance not in VARIANCES or variance == "learned_range":
-        raise ValueError(f"variance must be 'fixed_small' or 'fixed_large' for pc, got {variance!r}")
+    d.check_variance(variance, ("fixed_small", "fixed_large"))
     T = schedule.num_timesteps
     num_steps = check_num_steps(T if num_steps is None else num_steps, upper=T)
     if isinstance(num_corrector_steps, int) and num_corrector_steps < 0:

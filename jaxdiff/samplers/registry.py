@@ -1,0 +1,180 @@
+"""The registry of samplers: one entry per name, and the one place that knows what each accepts.
+
+Every layer that takes a sampler name asks this module: :func:`jaxdiff.samplers.sample` (which
+options to forward, the NFE), the training job's ``generate`` (which config settings apply),
+the config validation and ``scripts/sample.py`` (the names, the step bounds, the objectives).
+
+A sampler's *options* are the keyword-only parameters of its ``run`` function other than the
+common ones (``num_steps``, ``prediction``, ``clip_x0``); their defaults are the signature's
+defaults, read once here, so a sampler's options are written in exactly one place: its own
+signature. The same holds for the default number of steps (``None`` there means ``T``).
+
+==================  =====================  ===============  ===========  =================
+name                NFE for ``n`` steps    default ``n``    ``n`` <= T   objectives
+==================  =====================  ===============  ===========  =================
+``ddpm``            ``n``                  ``T``            yes          diffusion
+``ddim``            ``n``                  50               yes          diffusion
+``dpm_solver++``    ``n`` (+1 if           20               no           diffusion
+                    ``denoise_final``)
+``dpm++2m``         as ``dpm_solver++``    20               no           diffusion
+``euler``           ``n``                  50               no           diffusion, flow
+``heun``            ``2n - 1``             25               no           diffusion, flow
+``euler_ancestral`` ``n``                  50               no           diffusion
+``pc``              ``n (M + 1)``          ``T``            yes          diffusion
+``ode``             adaptive, reported     (tolerances)     --           diffusion
+==================  =====================  ===============  ===========  =================
+
+For ``flow_matching`` models, ``euler`` and ``heun`` integrate the learned velocity with
+:func:`jaxdiff.flow.sample` (NFE ``n`` and ``2n``); they take no options there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, Mapping
+
+from jaxdiff.samplers import ddim, ddpm, dpm_solver, karras, ode, pc
+
+__all__ = ["Sampler", "SAMPLERS", "OBJECTIVES", "COMMON", "get", "names", "check", "default_num_steps", "nfe"]
+
+OBJECTIVES = ("diffusion", "flow_matching")
+COMMON = ("num_steps", "prediction", "clip_x0")  # passed by the driver to every sampler that takes them
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A registry entry.
+
+    Attributes:
+      run: ``run(schedule, model_fn, x_T, key, *, [num_steps,] prediction, clip_x0, **options) -> (x0, nfe)``.
+      nfe_fn: ``nfe_fn(num_steps, **options)`` for fixed-step samplers; ``None`` for adaptive ones.
+      summary: one line for ``--help`` and the docs.
+      steps_up_to_T: ``num_steps`` may not exceed the schedule's ``T`` (samplers on the integer grid).
+      stochastic: draws noise at every step (some only for some option values, e.g. ``ddim`` with ``eta > 0``).
+      learned_variance: uses the model's learned-variance channels (``variance="learned_range"``).
+      objectives: the training objectives whose models it samples.
+    """
+
+    run: Callable
+    nfe_fn: Callable | None
+    summary: str
+    steps_up_to_T: bool = False
+    stochastic: bool = False
+    learned_variance: bool = False
+    objectives: tuple[str, ...] = ("diffusion",)
+
+    @functools.cached_property
+    def _params(self) -> Mapping[str, inspect.Parameter]:
+        return inspect.signature(self.run).parameters
+
+    @property
+    def adaptive(self) -> bool:
+        """Chooses its own steps (takes no ``num_steps``)."""
+        return "num_steps" not in self._params
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Option name -> default: the keyword-only parameters of ``run`` other than :data:`COMMON`
+        (and other than those an alias fixes with ``functools.partial``)."""
+        fixed = self.run.keywords if isinstance(self.run, functools.partial) else {}
+        return {k: p.default for k, p in self._params.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in COMMON and k not in fixed}
+
+    @property
+    def steps_default(self) -> int | None:
+        """The signature's default ``num_steps`` (``None``: the schedule's ``T``)."""
+        return None if self.adaptive else self._params["num_steps"].default
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler(ddpm.ddpm_loop, ddpm.ddpm_nfe, "ancestral sampling (Ho et al. 2020), respaced when n < T",
+                    steps_up_to_T=True, stochastic=True, learned_variance=True),
+    "ddim": Sampler(ddim.ddim_loop, ddim.ddim_nfe, "DDIM(eta) (Song et al. 2021); deterministic at eta = 0",
+                    steps_up_to_T=True, stochastic=True),
+    "dpm_solver++": Sampler(dpm_solver.dpm_solver_pp, dpm_solver.dpm_solver_nfe,
+                            "DPM-Solver++ multistep (orders 1-3; 2M by default): best at 10-20 NFE"),
+    "dpm++2m": Sampler(functools.partial(dpm_solver.dpm_solver_pp, order=2), dpm_solver.dpm_solver_nfe,
+                       "alias of dpm_solver++ with order=2"),
+    "euler": Sampler(karras.euler, karras.euler_nfe, "Euler on the Karras sigma grid",
+                     objectives=("diffusion", "flow_matching")),
+    "heun": Sampler(karras.heun, karras.heun_nfe, "Heun on the Karras grid (EDM Algorithm 1); NFE 2n - 1",
+                    objectives=("diffusion", "flow_matching")),
+    "euler_ancestral": Sampler(karras.euler_ancestral, karras.euler_nfe, "Euler ancestral on the Karras grid",
+                               stochastic=True),
+    "pc": Sampler(pc.predictor_corrector, pc.pc_nfe, "predictor-corrector with a Langevin corrector (score SDE)",
+                  steps_up_to_T=True, stochastic=True),
+    "ode": Sampler(ode.probability_flow, None, "the probability-flow ODE, adaptive (Tsit5); NFE reported"),
+}
+
+
+def get(name: str) -> Sampler:
+    """The entry of ``name``; ``ValueError`` listing the names if there is none."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name]
+
+
+def names(objective: str | None = None) -> tuple[str, ...]:
+    """The sampler names, or those that serve ``objective``."""
+    return tuple(k for k, s in SAMPLERS.items() if objective is None or objective in s.objectives)
+
+
+def default_num_steps(name: str, num_timesteps: int) -> int | None:
+    """The default step count of ``name`` on a ``T``-step schedule (``None`` for adaptive samplers)."""
+    spec = get(name)
+    if spec.adaptive:
+        return None
+    if spec.steps_default is None:
+        return num_timesteps
+    return min(spec.steps_default, num_timesteps) if spec.steps_up_to_T else spec.steps_default
+
+
+def check(name: str, *, objective: str = "diffusion", num_steps=None, num_timesteps: int | None = None,
+          options: Mapping[str, Any] | None = None, prefix: str = "") -> Sampler:
+    """Checks a sampler request before any work is done; returns the entry.
+
+    Raises ``ValueError`` naming the argument (``prefix`` is prepended to argument names, e.g.
+    ``"--"`` for flags or ``"config.sample."`` for settings) if ``name`` is unknown or does not
+    serve ``objective``, if an option is not one the sampler takes, or if a Python-int
+    ``num_steps`` is below 1, above ``T`` for samplers on the integer grid, or given to an
+    adaptive sampler. Traced values pass unchecked.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{prefix}objective must be one of {OBJECTIVES}, got {objective!r}")
+    if name not in SAMPLERS:
+        raise ValueError(f"{prefix}sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
+    spec = SAMPLERS[name]
+    if objective not in spec.objectives:
+        raise ValueError(f"{prefix}sampler {name!r} does not sample {objective} models; "
+                         f"use one of {names(objective)}")
+    allowed = tuple(spec.options) if objective == "diffusion" else ()
+    bad = sorted(k for k in (options or {}) if k not in allowed)
+    if bad:
+        raise ValueError(f"sampler {name!r} does not take {', '.join(prefix + k for k in bad)}; "
+                         f"it takes {[prefix + k for k in allowed] or 'no options'}")
+    if num_steps is not None:
+        if spec.adaptive and objective == "diffusion":
+            raise ValueError(f"sampler {name!r} is adaptive and takes no {prefix}num_steps (set rtol/atol)")
+        if isinstance(num_steps, bool) or (isinstance(num_steps, int) and num_steps < 1):
+            raise ValueError(f"{prefix}num_steps must be an integer >= 1, got {num_steps!r}")
+        if (isinstance(num_steps, int) and spec.steps_up_to_T and objective == "diffusion"
+                and num_timesteps is not None and num_steps > num_timesteps):
+            raise ValueError(f"{prefix}num_steps must be in [1, T={num_timesteps}] for sampler {name!r}, "
+                             f"got {num_steps}")
+    return spec
+
+
+def nfe(name: str, num_steps, **options):
+    """Network evaluations of a fixed-step sampler for ``num_steps`` (e.g. ``heun``: ``2n - 1``).
+
+    ``options`` are those that change the count (``num_corrector_steps`` for ``pc``,
+    ``denoise_final`` for ``dpm_solver++``); others are ignored. For ``"ode"`` the count is
+    only known after solving: use :func:`jaxdiff.samplers.sample_with_info`.
+    """
+    spec = get(name)
+    if spec.nfe_fn is None:
+        raise ValueError(f"sampler {name!r} is adaptive: its NFE is returned by sample_with_info")
+    known = {k: v for k, v in options.items() if k in inspect.signature(spec.nfe_fn).parameters}
+    return spec.nfe_fn(num_steps, **known)
