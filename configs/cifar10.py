@@ -19,11 +19,7 @@ def get_config():
     config = default.get_config()
     config.data.name = "cifar10"
     config.data.random_flip = True
-    config.model.ch = 128
-    config.model.ch_mult = (1, 2, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (16,)
-    config.model.dropout = 0.1
+    config.model.preset = "ddpm_cifar10"
     config.model.class_conditional = False
     config.train.num_steps = 800_000
     config.train.global_batch_size = 128

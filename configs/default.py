@@ -5,6 +5,7 @@ Not meant to be trained as is (it is the digits setup with the DDPM paper's opti
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,12 +21,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.prefetch = 2
 
     config.model = ml_collections.ConfigDict()
-    config.model.ch = 32
-    config.model.ch_mult = (1, 1)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (4,)
-    config.model.dropout = 0.0
-    config.model.scale_shift = False
+    config.model.preset = "digits"  # a name in jaxdiff.models.PRESETS (digits, tiny, small, ddpm_cifar10)
+    # Overrides of the preset's UNet fields; None keeps the preset's value.
+    config.model.ch = placeholder(int)
+    config.model.ch_mult = placeholder(tuple)
+    config.model.num_res_blocks = placeholder(int)
+    config.model.attn_resolutions = placeholder(tuple)
+    config.model.dropout = placeholder(float)
+    config.model.scale_shift = placeholder(bool)
+    config.model.num_heads = placeholder(int)
     config.model.class_conditional = False  # labels -> the UNet's class embedding (+ null label)
     config.model.dtype = "float32"  # "bfloat16" for mixed precision on accelerators
     config.model.remat = False

@@ -17,11 +17,7 @@ from configs import default
 def get_config():
     config = default.get_config()
     config.data.name = "mnist"
-    config.model.ch = 64
-    config.model.ch_mult = (1, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (7,)
-    config.model.dropout = 0.1
+    config.model.preset = "small"
     config.model.class_conditional = True
     config.train.num_steps = 50_000
     config.train.warmup_steps = 1000

@@ -1,16 +1,19 @@
 """jaxdiff: diffusion models as pure JAX functions.
 
 Modules: :mod:`~jaxdiff.schedules` (noise schedules), :mod:`~jaxdiff.diffusion` (forward process,
-posterior, parameterization conversions), :mod:`~jaxdiff.losses` (training objectives and the
-variational bound), :mod:`~jaxdiff.samplers` (every reverse sampler, one entry point),
-:mod:`~jaxdiff.guidance` (classifier-free / classifier guidance, inpainting),
-:mod:`~jaxdiff.likelihood` (PF-ODE NLL), :mod:`~jaxdiff.flow` (flow matching),
+the model's reverse posterior, parameterization conversions), :mod:`~jaxdiff.losses` (training
+objectives and the variational bound), :mod:`~jaxdiff.samplers` (every reverse sampler, one
+registry, one entry point), :mod:`~jaxdiff.guidance` (classifier-free / classifier guidance,
+inpainting), :mod:`~jaxdiff.likelihood` (PF-ODE NLL), :mod:`~jaxdiff.flow` (flow matching),
 :mod:`~jaxdiff.oracle` (an exact Gaussian-mixture "network" for testing samplers).
-The UNet is in :mod:`jaxdiff.models` and the training job in :mod:`jaxdiff.training`.
+The UNet is in :mod:`jaxdiff.models` and the training job in :mod:`jaxdiff.training`; both are
+imported on first use of ``jaxdiff.models`` / ``jaxdiff.training``.
 """
 
 from jaxdiff import diffusion, flow, guidance, likelihood, losses, oracle, samplers, schedules
-from jaxdiff.diffusion import q_posterior, q_sample
+from jaxdiff.diffusion import p_mean_variance, q_posterior, q_sample
+from jaxdiff.losses import diffusion_loss, variational_bound
+from jaxdiff.samplers import ddim_step, ddpm_step, sample, sample_with_info
 from jaxdiff.schedules import (
     Schedule,
     cosine_schedule,
@@ -21,3 +24,20 @@ from jaxdiff.schedules import (
 )
 
 __version__ = "0.1.0"
+
+_LAZY = ("data", "models", "training")  # heavier subpackages, imported on first attribute access
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"jaxdiff.{name}")
+    raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
+
+__all__ = [
+    "diffusion", "flow", "guidance", "likelihood", "losses", "oracle", "samplers", "schedules",
+    "Schedule", "linear_schedule", "cosine_schedule", "sigmoid_schedule", "schedule_from_betas", "ve_schedule",
+    "q_sample", "q_posterior", "p_mean_variance", "diffusion_loss", "variational_bound",
+    "ddpm_step", "ddim_step", "sample", "sample_with_info",
+]

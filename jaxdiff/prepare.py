@@ -15,6 +15,8 @@ import os
 
 import tensorflow_datasets as tfds
 
+__all__ = ["prepare", "main"]
+
 
 def prepare(name: str, data_dir: str | os.PathLike | None = None) -> str:
     """Prepares dataset ``name`` (``name[/config][:version]``); returns where it is."""

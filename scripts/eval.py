@@ -9,9 +9,11 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxdiff import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (holds checkpoints/).")
@@ -23,20 +25,18 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from jaxdiff.training.evaluate import evaluate_workdir
 
-    try:
-        result = evaluate_workdir(FLAGS.workdir, num_examples=FLAGS.num_examples, ode_examples=FLAGS.ode_examples,
-                                  batch_size=FLAGS.batch_size, seed=FLAGS.seed)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    out = os.path.join(FLAGS.workdir, "eval.json")
+    if os.path.isdir(FLAGS.workdir) and not os.access(FLAGS.workdir, os.W_OK):
+        raise PermissionError(f"--workdir {FLAGS.workdir} is not writable: {out} could not be saved")
+    result = evaluate_workdir(FLAGS.workdir, num_examples=FLAGS.num_examples, ode_examples=FLAGS.ode_examples,
+                              batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     print(json.dumps(result))
-    with open(os.path.join(FLAGS.workdir, "eval.json"), "w", encoding="utf-8") as f:
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

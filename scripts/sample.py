@@ -10,37 +10,36 @@ same output. ``--sampler``, ``--steps``, ``--eta`` and ``--guidance`` override t
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxdiff.samplers.registry import SAMPLERS  # noqa: E402
+from jaxdiff import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (holds checkpoints/).")
 flags.DEFINE_integer("num_samples", 64, "Number of images.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("output", "samples.npz", "Output .npz path (a .png grid is written beside it).")
-flags.DEFINE_string("sampler", None, "Sampler name (default: the config's).")
-flags.DEFINE_integer("steps", None, "Number of sampling steps (default: the config's).")
-flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
-flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w (1 = conditional model).")
+flags.DEFINE_enum("sampler", None, list(SAMPLERS),
+                  "Sampler (default: the config's): " + "; ".join(f"{k}: {s.summary}" for k, s in SAMPLERS.items()))
+flags.DEFINE_integer("num_steps", None, "Number of sampling steps (default: the config's).")
+flags.DEFINE_alias("steps", "num_steps")
+flags.DEFINE_float("eta", None, "The sampler's eta, for samplers that take one (default: the config's).")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w (1 = the conditional model).")
 flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from jaxdiff.training.generate import sample_workdir
 
-    try:
-        path = sample_workdir(FLAGS.workdir, FLAGS.output, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
-                              sampler=FLAGS.sampler, num_steps=FLAGS.steps, eta=FLAGS.eta,
-                              guidance=FLAGS.guidance, batch_size=FLAGS.batch_size)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    path = sample_workdir(FLAGS.workdir, FLAGS.output, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+                          sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
+                          guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size)
     print(f"wrote {path} and {os.path.splitext(path)[0]}.png")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

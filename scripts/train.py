@@ -10,10 +10,12 @@ itself; elsewhere pass ``--coordinator_address``, ``--num_processes`` and ``--pr
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
+
+from jaxdiff import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -25,8 +27,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
     if FLAGS.coordinator_address or FLAGS.num_processes:
@@ -34,13 +34,9 @@ def main(argv):
     from jaxdiff.training.loop import train_and_evaluate
 
     logging.info("JAX: %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(), jax.devices())
-    try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    print(f"done: checkpoints, metrics.jsonl and samples/ are in {FLAGS.workdir}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

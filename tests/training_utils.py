@@ -65,7 +65,7 @@ def run(cmd, env, timeout=600):
 
 def final_params(workdir):
     """The params and EMA params of the latest checkpoint in ``workdir``, as flat NumPy lists."""
-    from jaxdiff.training.generate import load_workdir  # noqa: F401  (imports the stack)
+    from jaxdiff.training.workdir import load_workdir  # noqa: F401  (imports the stack)
     import orbax.checkpoint as ocp
 
     path = os.path.join(workdir, "checkpoints")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import data, likelihood
-from jaxdiff.training.generate import load_workdir
+from jaxdiff.training.workdir import load_workdir
 
 __all__ = ["evaluate_workdir"]
 
@@ -25,11 +25,12 @@ def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int 
     if num_examples <= 0 or ode_examples < 0 or batch_size <= 0:
         raise ValueError(f"num_examples and batch_size must be positive and ode_examples >= 0, got "
                          f"{num_examples}, {batch_size}, {ode_examples}")
-    config, model, schedule, params, num_classes, image_shape = load_workdir(workdir)
-    if config.diffusion.get("objective", "diffusion") != "diffusion":
-        raise ValueError(f"{workdir} trained a {config.diffusion.objective!r} model; eval needs a diffusion model")
-    source = data.make_source(config.data.name, config.data.split, config.data.data_dir or None)
-    images = data.get_batch(source, 0, global_batch_size=num_examples, seed=seed,
+    wd = load_workdir(workdir)
+    run, config, params = wd.run, wd.config, wd.ema_params
+    schedule, model, num_classes, image_shape = run.schedule, run.model, run.num_classes, run.image_shape
+    if run.objective != "diffusion":
+        raise ValueError(f"{workdir} trained a {run.objective!r} model; eval needs a diffusion model")
+    images = data.get_batch(run.source, 0, global_batch_size=num_examples, seed=seed,
                             image_size=config.data.image_size or None)["image"]
     c = image_shape[-1]
 

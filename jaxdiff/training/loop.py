@@ -18,22 +18,17 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint, sampling
+from jaxdiff.training import checkpoint
+from jaxdiff.training import images as imgs
+from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
-from jaxdiff.training.setup import make_model, make_schedule, validate_config
-from jaxdiff.training.state import create_train_state, make_optimizer
+from jaxdiff.training.setup import resolve
+from jaxdiff.training.state import create_train_state
 from jaxdiff.training.step import train_step
 
-__all__ = ["train_and_evaluate", "grid_labels", "MetricsWriter"]
+__all__ = ["train_and_evaluate", "MetricsWriter"]
 
 log = logging.getLogger("jaxdiff")
-
-
-def grid_labels(num_samples: int, num_classes: int | None) -> np.ndarray:
-    """Labels for a sample grid: row ``r`` (of ``num_classes`` columns) holds class ``r mod num_classes``."""
-    if num_classes is None:
-        return np.zeros((num_samples,), np.int32)
-    return ((np.arange(num_samples) // num_classes) % num_classes).astype(np.int32)
 
 
 class MetricsWriter:
@@ -75,32 +70,16 @@ def _restore_or_init(config, manager, host_state):
 
 def train_and_evaluate(config, workdir: str):
     """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the final host state."""
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     is_main = jax.process_index() == 0
     par = DataParallel(config.parallel.mode)
     tr, df, sm = config.train, config.diffusion, config.sample
-
-    try:
-        source = data.make_source(config.data.name, config.data.split, config.data.data_dir or None)
-    except ValueError as error:
-        raise ValueError(f"config.data.name={config.data.name!r}: {error}") from None
-    info = source.info
-    size = config.data.image_size or None
-    image_shape = (size, size, info.image_shape[2]) if size else tuple(info.image_shape)
-    if None in image_shape:
-        raise ValueError(f"config.data.image_size: dataset {info.name!r} has images of varying size; set it")
-    validate_config(config, num_devices=par.num_devices, image_shape=image_shape)
-    if config.model.class_conditional and info.num_classes is None:
-        raise ValueError(f"config.model.class_conditional=True but dataset {info.name!r} has no labels")
-    num_classes = info.num_classes if config.model.class_conditional else None
-
-    schedule = make_schedule(df)
-    model = make_model(config.model, num_classes=num_classes, learned_variance=df.learned_variance)
-    tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
+    run = resolve(config, num_devices=par.num_devices)  # every check, before anything is written
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    schedule, model, tx, num_classes = run.schedule, run.model, run.tx, run.num_classes
     root = jax.random.key(config.seed)
     k_init, k_train, k_sample = (jax.random.fold_in(root, i) for i in range(3))
 
-    host_state = jax.device_get(create_train_state(k_init, model, tx, image_shape, num_classes=num_classes))
+    host_state = jax.device_get(create_train_state(k_init, model, tx, run.image_shape, num_classes=num_classes))
     manager = checkpoint.open_manager(workdir, max_to_keep=tr.keep_checkpoints)
     host_state = _restore_or_init(config, manager, host_state)
     start = int(host_state.step)
@@ -117,16 +96,16 @@ def train_and_evaluate(config, workdir: str):
     state = par.put_state(host_state)
 
     sample_fn = jax.jit(functools.partial(
-        sampling.generate, model.apply, schedule=schedule, image_shape=image_shape, sampler=sm.sampler,
+        generate, model.apply, schedule=schedule, image_shape=run.image_shape, sampler=sm.sampler,
         num_classes=num_classes, prediction=df.prediction, learned_variance=df.learned_variance,
         clip_x0=sm.clip_x0, objective=df.objective))
-    labels = grid_labels(sm.num_samples, num_classes)
+    labels = imgs.grid_labels(sm.num_samples, num_classes)
 
     def write_samples(host_params, name: str):
         images = sample_fn(host_params, key=k_sample, labels=jnp.asarray(labels), num_steps=sm.num_steps,
-                           eta=sm.eta, guidance=sm.guidance)
+                           eta=sm.eta, guidance_scale=sm.guidance)
         if is_main:
-            sampling.save_grid(sampling.to_uint8(images), os.path.join(workdir, "samples", f"{name}.png"),
+            imgs.save_grid(imgs.to_uint8(images), os.path.join(workdir, "samples", f"{name}.png"),
                                ncols=num_classes or None)
 
     writer = MetricsWriter(workdir, enabled=is_main)
@@ -153,9 +132,9 @@ def train_and_evaluate(config, workdir: str):
         bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{ips:.0f}")
 
     iterator = data.batch_iterator(
-        source, start, max(tr.num_steps - start, 0), global_batch_size=tr.global_batch_size, seed=config.seed,
+        run.source, start, max(tr.num_steps - start, 0), global_batch_size=tr.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), random_flip=config.data.random_flip,
-        image_size=size, prefetch=config.data.prefetch)
+        image_size=config.data.image_size or None, prefetch=config.data.prefetch)
     bar = tqdm.tqdm(total=tr.num_steps, initial=start, disable=not is_main, desc="train", unit="step",
                     dynamic_ncols=True)
     try:

@@ -52,13 +52,6 @@ class DataParallel:
     def num_devices(self) -> int:
         return len(self.devices)
 
-    def check_batch_size(self, global_batch_size: int) -> None:
-        if global_batch_size % self.num_devices:
-            raise ValueError(
-                f"train.global_batch_size={global_batch_size} is not divisible by the number of devices "
-                f"({self.num_devices}); choose a multiple of {self.num_devices}"
-            )
-
     # ------------------------------------------------------------------ state
     def put_state(self, host_state):
         """Host pytree (identical on every process) -> device state for this mode."""

@@ -1,33 +1,62 @@
-"""From a config to the run's pieces: checks at start-up, schedule, model and optimizer.
+"""From a config to the run's facts: validated once at start-up, then explicit values.
 
-This is the boundary where a ``ConfigDict`` becomes explicit keyword arguments; nothing
-below it takes a config.
+:func:`resolve` is the boundary where a ``ConfigDict`` becomes a :class:`Run` (the data source,
+image shape, number of classes, schedule, model and optimizer); the loop, the workdir loader
+and the evaluation all start from it, and nothing below it takes a config. Every bad setting
+raises ``ValueError("config.SECTION.NAME=VALUE: why")`` before anything is compiled or saved.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import dataclasses
 
-from jaxdiff import flow, schedules
+import jax.numpy as jnp
+import optax
+
+from jaxdiff import data, schedules
 from jaxdiff.diffusion import PREDICTIONS
 from jaxdiff.losses import WEIGHTINGS
-from jaxdiff.models import UNet, check_image_size
-from jaxdiff.samplers import SAMPLERS
+from jaxdiff.models import PRESETS, UNet, check_image_size, get_model
+from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
+from jaxdiff.training.state import make_optimizer
 
-__all__ = ["validate_config", "make_schedule", "make_model", "SCHEDULES"]
+__all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "SCHEDULES", "OBJECTIVES",
+           "MODEL_OVERRIDES"]
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
-OBJECTIVES = ("diffusion", "flow_matching")
+OBJECTIVES = registry.OBJECTIVES
 DTYPES = ("float32", "bfloat16", "float16")
+# config.model fields that override the preset's UNet fields when set (None: the preset's value).
+MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "scale_shift", "num_heads")
 
 
 def _fail(setting: str, value, why: str):
     raise ValueError(f"config.{setting}={value!r}: {why}")
 
 
-def validate_config(config, *, num_devices: int, image_shape=None) -> None:
-    """Raises ValueError naming the first bad setting (before anything is compiled or saved)."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The facts of a run, derived once from its config by :func:`resolve`."""
+
+    config: object  # the ConfigDict it came from
+    source: data.Source  # the training data
+    image_shape: tuple[int, int, int]  # (H, W, C) of the images the model sees
+    num_classes: int | None  # labels of a class-conditional model (None: unconditional)
+    schedule: schedules.Schedule
+    model: UNet
+    tx: optax.GradientTransformation
+
+    @property
+    def objective(self) -> str:
+        return self.config.diffusion.objective
+
+
+def validate_config(config, *, num_devices: int | None = None) -> None:
+    """Checks every setting that needs no data; raises ValueError naming the first bad one.
+
+    ``num_devices``: check that the global batch divides over them (``None``: skip, e.g. when sampling).
+    """
     tr, df, sm, md = config.train, config.diffusion, config.sample, config.model
     for name in ("num_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if not isinstance(tr[name], int) or tr[name] <= 0:
@@ -42,18 +71,15 @@ def validate_config(config, *, num_devices: int, image_shape=None) -> None:
         _fail("train.ema_decay", tr.ema_decay, "must lie in [0, 1)")
     if not 0.0 <= tr.label_dropout < 1.0:
         _fail("train.label_dropout", tr.label_dropout, "must lie in [0, 1)")
-    if tr.global_batch_size % num_devices:
+    if num_devices is not None and tr.global_batch_size % num_devices:
         _fail("train.global_batch_size", tr.global_batch_size,
               f"must be divisible by the number of devices ({num_devices})")
     if config.parallel.mode not in MODES:
         _fail("parallel.mode", config.parallel.mode, f"must be one of {MODES}")
     if df.objective not in OBJECTIVES:
         _fail("diffusion.objective", df.objective, f"must be one of {OBJECTIVES}")
-    if df.objective == "flow_matching":
-        if sm.sampler not in flow.METHODS:
-            _fail("sample.sampler", sm.sampler, f"flow matching samples with one of {flow.METHODS}")
-        if df.learned_variance:
-            _fail("diffusion.learned_variance", True, "flow matching has no variance to learn")
+    if df.objective == "flow_matching" and df.learned_variance:
+        _fail("diffusion.learned_variance", True, "flow matching has no variance to learn")
     if df.schedule not in SCHEDULES:
         _fail("diffusion.schedule", df.schedule, f"must be one of {SCHEDULES}")
     if df.num_timesteps <= 0:
@@ -62,21 +88,19 @@ def validate_config(config, *, num_devices: int, image_shape=None) -> None:
         _fail("diffusion.prediction", df.prediction, f"must be one of {PREDICTIONS}")
     if df.weighting not in WEIGHTINGS:
         _fail("diffusion.weighting", df.weighting, f"must be one of {WEIGHTINGS}")
-    if sm.sampler not in SAMPLERS:
-        _fail("sample.sampler", sm.sampler, f"must be one of {tuple(SAMPLERS)}")
-    if not 1 <= sm.num_steps <= df.num_timesteps:
-        _fail("sample.num_steps", sm.num_steps, f"must be in [1, diffusion.num_timesteps={df.num_timesteps}]")
+    if not df.min_snr_gamma > 0:
+        _fail("diffusion.min_snr_gamma", df.min_snr_gamma, "must be positive")
+    adaptive = sm.sampler in registry.SAMPLERS and registry.SAMPLERS[sm.sampler].adaptive
+    registry.check(sm.sampler, objective=df.objective, num_steps=None if adaptive else sm.num_steps,
+                   num_timesteps=df.num_timesteps, prefix="config.sample.")
+    if sm.eta < 0:
+        _fail("sample.eta", sm.eta, "must be >= 0")
     if sm.num_samples <= 0:
         _fail("sample.num_samples", sm.num_samples, "must be positive")
+    if md.get("preset") is not None and md.preset not in PRESETS:
+        _fail("model.preset", md.preset, f"must be one of {tuple(PRESETS)}")
     if md.dtype not in DTYPES:
         _fail("model.dtype", md.dtype, f"must be one of {DTYPES}")
-    size = config.data.image_size or (image_shape[0] if image_shape else None)
-    if size:
-        try:
-            check_image_size(size, tuple(md.ch_mult))
-        except ValueError as e:
-            _fail("data.image_size" if config.data.image_size else "model.ch_mult",
-                  config.data.image_size or tuple(md.ch_mult), str(e))
 
 
 def make_schedule(diffusion_config) -> schedules.Schedule:
@@ -92,16 +116,45 @@ def make_schedule(diffusion_config) -> schedules.Schedule:
 
 
 def make_model(model_config, *, num_classes: int | None, learned_variance: bool) -> UNet:
-    """The UNet of ``config.model`` (``num_classes`` only if class-conditional)."""
-    return UNet(
-        ch=model_config.ch,
-        ch_mult=tuple(model_config.ch_mult),
-        num_res_blocks=model_config.num_res_blocks,
-        attn_resolutions=tuple(model_config.attn_resolutions),
-        dropout=model_config.dropout,
+    """The UNet of ``config.model``: the preset ``model.preset`` with the fields that are set overriding it.
+
+    ``num_classes`` is used only if ``model.class_conditional``.
+    """
+    overrides = {k: model_config.get(k) for k in MODEL_OVERRIDES if model_config.get(k) is not None}
+    for k in ("ch_mult", "attn_resolutions"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    return get_model(
+        model_config.get("preset") or "digits",
+        **overrides,
         num_classes=num_classes if model_config.class_conditional else None,
         learn_sigma=learned_variance,
-        scale_shift=model_config.scale_shift,
         dtype=jnp.dtype(model_config.dtype),
         remat=model_config.remat,
     )
+
+
+def resolve(config, *, num_devices: int | None = None) -> Run:
+    """Validates ``config`` and derives the run's facts (reads the dataset's metadata, builds nothing heavy)."""
+    validate_config(config, num_devices=num_devices)
+    try:
+        source = data.make_source(config.data.name, config.data.split, config.data.data_dir or None)
+    except ValueError as error:
+        raise ValueError(f"config.data.name={config.data.name!r}: {error}") from None
+    info = source.info
+    size = config.data.image_size or None
+    image_shape = (size, size, info.image_shape[2]) if size else tuple(info.image_shape)
+    if None in image_shape:
+        _fail("data.image_size", config.data.image_size, f"dataset {info.name!r} has images of varying size; set it")
+    if config.model.class_conditional and info.num_classes is None:
+        _fail("model.class_conditional", True, f"dataset {info.name!r} has no labels")
+    num_classes = info.num_classes if config.model.class_conditional else None
+    model = make_model(config.model, num_classes=num_classes, learned_variance=config.diffusion.learned_variance)
+    try:
+        check_image_size(image_shape[0], model.ch_mult)
+    except ValueError as error:
+        _fail("data.image_size" if size else "model.ch_mult", size or model.ch_mult, str(error))
+    tr = config.train
+    tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
+    return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes,
+               schedule=make_schedule(config.diffusion), model=model, tx=tx)
