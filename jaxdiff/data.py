@@ -24,7 +24,9 @@ saving iterator state:
 * ``batch["index"]`` is ``i`` (0..B-1), from which the training step folds per-example
   noise keys.
 
-Reading and per-example mapping (decode, resize) go through ``grain.MapDataset``.
+Examples are read by random access and mapped (decode, crop, resize) in a background thread
+(:class:`BatchIterator`). TensorFlow Datasets is imported only for TFDS datasets, so the
+offline ``digits`` job never loads it.
 """
 
 from __future__ import annotations
@@ -38,9 +40,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-import grain
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 __all__ = [
@@ -173,6 +173,8 @@ def make_source(
         if split != "train":
             raise ValueError(f"split {split!r}: dataset 'digits' has only split 'train'")
         return load_digits()
+    import tensorflow_datasets as tfds  # here: heavy, and only TFDS datasets need it
+
     # "name[/config][:version]"; builder_cls only looks in the registry (no network).
     try:
         tfds.builder_cls(name.split("/")[0].split(":")[0])
@@ -311,10 +313,7 @@ def get_batch(
     local = global_batch_size // process_count
     index = process_index * local + np.arange(local, dtype=np.int64)
     positions = step * global_batch_size + index
-    reader = grain.MapDataset.source(source).map(
-        functools.partial(_standardize, image_size=image_size)
-    )
-    examples = [reader[int(i)] for i in stream_indices(positions, len(source), seed)]
+    examples = [_standardize(source[int(i)], image_size) for i in stream_indices(positions, len(source), seed)]
     shapes = {example["image"].shape for example in examples}
     if len(shapes) > 1:
         raise ValueError(
