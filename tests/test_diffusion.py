@@ -5,6 +5,7 @@ Salimans & Ho 2022), with the VE process checked in its own coordinates (x0 + si
 Brownian-bridge posterior), and the marginal of q_sample with a KS test.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,24 +275,35 @@ def test_prior_kl(name):
 # ------------------------------------------------------------------------------ transformations
 
 
-def test_jit_equals_eager_and_vmap_equals_batch():
-    sched, _ = VP["linear"]
-    vsched, _ = _ve(T, 20.0)
-    x0, eps = (jnp.asarray(a) for a in _data(7))
-    t = jnp.asarray(TS)
-    for s in (sched, vsched):
-        eager_q = d.q_sample(s, x0, t, eps)
-        np.testing.assert_allclose(jax.jit(d.q_sample)(s, x0, t, eps), eager_q, rtol=1e-6, atol=1e-6)
-        one = lambda x, tt, n, s=s: d.q_sample(s, x[None], tt[None], n[None])[0]  # noqa: E731
-        np.testing.assert_allclose(jax.vmap(one)(x0, t, eps), eager_q, rtol=1e-6, atol=1e-6)
-        eager_p = d.q_posterior(s, x0, eager_q, t)
-        for a, b in zip(jax.jit(d.q_posterior)(s, x0, eager_q, t), eager_p):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-        def one_p(x, xt, tt, s=s):
-            return jax.tree.map(lambda a: a[0], d.q_posterior(s, x[None], xt[None], tt[None]))
+class TransformationsTest(chex.TestCase):
+    """q_sample and q_posterior under jit and eagerly (chex variants) equal the float64 formulas;
+    vmap over single examples equals the batched call."""
 
-        for a, b in zip(jax.vmap(one_p)(x0, eager_q, t), eager_p):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_forward_process_and_posterior_match_float64(self):
+        sched, betas = VP["linear"]
+        x0, eps = _data(7)
+        abar = ref.schedule_fields(betas)["alphas_cumprod"]
+        x_t = self.variant(d.q_sample)(sched, jnp.asarray(x0), jnp.asarray(TS), jnp.asarray(eps))
+        chex.assert_trees_all_close(_f64(x_t), ref.q_sample(abar, _f64(x0), TS, _f64(eps)), rtol=1e-5, atol=1e-5)
+        mean, var, _ = self.variant(d.q_posterior)(sched, jnp.asarray(x0), x_t, jnp.asarray(TS))
+        want_mean, want_var = ref.q_posterior(betas, _f64(x0), _f64(x_t), TS)
+        chex.assert_trees_all_close((_f64(mean), _f64(var[:, 0, 0, 0])), (want_mean, want_var), rtol=1e-4, atol=1e-5)
+
+    def test_vmap_equals_batch(self):
+        vsched, _ = _ve(T, 20.0)
+        x0, eps = (jnp.asarray(a) for a in _data(7))
+        t = jnp.asarray(TS)
+        for s in (VP["linear"][0], vsched):
+            batched = d.q_sample(s, x0, t, eps)
+            one = lambda x, tt, n, s=s: d.q_sample(s, x[None], tt[None], n[None])[0]  # noqa: E731
+            chex.assert_trees_all_close(jax.vmap(one)(x0, t, eps), batched, rtol=1e-6, atol=1e-6)
+            post = d.q_posterior(s, x0, batched, t)
+
+            def one_p(x, xt, tt, s=s):
+                return jax.tree.map(lambda a: a[0], d.q_posterior(s, x[None], xt[None], tt[None]))
+
+            chex.assert_trees_all_close(jax.vmap(one_p)(x0, batched, t), post, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ errors
