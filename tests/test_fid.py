@@ -7,6 +7,7 @@
 """
 
 import itertools
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,9 @@ from jaxdiff.metrics import fid
 def reference_fid(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """pytorch-fid's calculate_frechet_distance, in float64."""
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    with warnings.catch_warnings():  # pytorch-fid silences it with disp=False (deprecated in SciPy 1.17)
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
@@ -95,6 +98,16 @@ def test_frechet_distance_matches_pytorch_fid_formula(seed):
     a32, b32 = a.astype(np.float32), b.astype(np.float32)  # JAX arrays in, float64 inside
     expected32 = reference_fid(*stats(a32.astype(np.float64)), *stats(b32.astype(np.float64)))
     np.testing.assert_allclose(fid.frechet_distance(jnp.asarray(a32), jnp.asarray(b32)), expected32, rtol=1e-9)
+
+
+def test_frechet_distance_with_singular_covariances_matches_pytorch_fid_formula():
+    """Fewer samples than dimensions and dead ReLU units, as with Inception features of small sets."""
+    rng = np.random.default_rng(12)
+    mix = rng.normal(size=(48, 48)) / 7
+    a = np.maximum(rng.normal(size=(40, 48)) @ mix, 0)
+    b = np.maximum(rng.normal(size=(30, 48)) @ mix + 0.1, 0)
+    a[:, :5] = b[:, :5] = 0
+    np.testing.assert_allclose(fid.frechet_distance(a, b), reference_fid(*stats(a), *stats(b)), rtol=1e-6)
 
 
 def test_frechet_distance_of_commuting_gaussians_is_analytic():

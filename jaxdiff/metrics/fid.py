@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_CHUNK = 8192  # rows of an in-memory array promoted to float64 at a time
 
 
 def _as_features(name: str, features, *, min_rows: int = 2, dim: int | None = None) -> np.ndarray:
@@ -121,7 +122,8 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     (consumed once, one batch in memory at a time). Equals ``np.mean(x, 0), np.cov(x, rowvar=False)``.
     """
     if isinstance(features, (np.ndarray, jax.Array)):
-        features = [_as_features("features", features)]
+        x = _as_features("features", features)
+        features = (x[i : i + _CHUNK] for i in range(0, len(x), _CHUNK))  # float64 copies of a chunk only
     if not isinstance(features, Iterable):
         raise TypeError(f"features must be an array [N, D] or an iterable of batches, got {type(features)}")
     acc = None
