@@ -121,3 +121,32 @@ def test_stats_cli_errors(tmp_path, capsys):
             assert exit_info.value.code == 1
             err = capsys.readouterr().err
             assert err.startswith("error: ") and match in err, err
+
+
+def test_stats_cli_feeds_inception_the_dataset_uint8_pixels(tmp_path, monkeypatch):
+    """The Inception path with a stand-in network whose features are the raw uint8 pixels."""
+    import sys
+    import types
+
+    import jaxdiff.metrics
+
+    def load_inception(path):
+        def network(images):
+            assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 1)
+            return images.reshape(len(images), 64).astype(np.float32)
+
+        return network
+
+    fake = types.ModuleType("jaxdiff.metrics.inception")
+    fake.load_inception = load_inception
+    monkeypatch.setitem(sys.modules, "jaxdiff.metrics.inception", fake)
+    monkeypatch.setattr(jaxdiff.metrics, "inception", fake, raising=False)
+    weights = tmp_path / "inception.safetensors"
+    weights.write_bytes(b"weights")
+    out = tmp_path / "s.npz"
+    stats.main(["--dataset", "digits", "--inception", str(weights), "--out", str(out), "--batch_size", "400"])
+    loaded = fid.load_stats(out, dim=64)
+    pixels = np.rint(sklearn.datasets.load_digits().images * 255 / 16).reshape(1797, 64)
+    np.testing.assert_allclose(loaded.mu, pixels.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(loaded.sigma, np.cov(pixels, rowvar=False), rtol=1e-10, atol=1e-10)
+    assert (loaded.count, loaded.weights_sha256) == (1797, hashlib.sha256(b"weights").hexdigest())

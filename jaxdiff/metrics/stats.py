@@ -46,7 +46,7 @@ def load_features(features: str, weights: str | os.PathLike | None = None) -> tu
     """``(images [N, H, W, C] in [-1, 1] -> features [N, D], sha256 of the weights file)``.
 
     ``features``: ``"inception"`` (``weights`` required: the FID Inception file read by
-    :func:`jaxdiff.metrics.inception.load_inception`) or ``"digits"`` (``weights`` optional:
+    :func:`jaxdiff.metrics.inception.load_inception`, fed the images back as uint8) or ``"digits"`` (``weights`` optional:
     default the shipped classifier).
     """
     if features not in FEATURES:
@@ -62,7 +62,13 @@ def load_features(features: str, weights: str | os.PathLike | None = None) -> tu
         raise FileNotFoundError(f"Inception weights {weights} do not exist")
     from jaxdiff.metrics import inception  # imported here: only this network needs it
 
-    return inception.load_inception(weights), file_sha256(weights)
+    network = inception.load_inception(weights)
+
+    def inception_features(images: np.ndarray) -> np.ndarray:
+        # The FID Inception takes uint8, like pytorch-fid; the pipeline's x / 127.5 - 1 inverts exactly.
+        return network(np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8))
+
+    return inception_features, file_sha256(weights)
 
 
 def dataset_statistics(source: data.Source, feature_fn: Callable, *, batch_size: int = 250,
