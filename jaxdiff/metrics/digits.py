@@ -11,12 +11,14 @@ penultimate features instead (64-dimensional, after a ReLU, like Inception's poo
 
       python -m jaxdiff.metrics.digits --train --out jaxdiff/metrics/digits_classifier.safetensors
 
-  (Adam, seed 0, 40 epochs of batch 64; ``--report`` prints held-out accuracy and the FD
-  figures below.)
+  (Adam, seed 0, 40 epochs of batch 64; ``--report`` prints the figures below). 38,282
+  parameters (154 kB); 99.2% accuracy on the held-out digits.
 * :func:`load_digits_features` maps images ``float [N, 8, 8, 1]`` in [-1, 1] (the
   convention of :mod:`jaxdiff.data` and the samplers) to features ``[N, 64]``.
 * :func:`digits_fd` gives the Frechet distance of generated images to the real digits,
   with the *floor*: the distance real digits of the other split reach with the same count.
+  Against the held-out digits the floor is 8.4 with 360 images and 5.6 with 1,000; 1,000
+  images of uniform noise score 499, 1,000 blank images 1,055.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ __all__ = [
     "DigitsClassifier",
     "digits_fd",
     "digits_split",
+    "heldout_accuracy",
     "load_digits_features",
     "load_params",
+    "save_params",
     "train_classifier",
 ]
 

@@ -312,6 +312,7 @@ def save_stats(path: str | os.PathLike, mu, sigma, *, count: int, weights_sha256
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         with os.fdopen(fd, "wb") as f:
             np.savez(f, mu=mu, sigma=sigma, count=np.int64(count), weights_sha256=np.array(weights_sha256))
         os.replace(tmp, path)
