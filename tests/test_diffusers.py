@@ -17,17 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from fixtures.make_export_fixture import native_model_and_params
 from safetensors.numpy import load_file, save_file
 
 from jaxdiff.models import (
+    SamplingDefaults,
     count_params,
     ddpm_cifar10,
     from_diffusers,
     from_diffusers_pipeline,
     tiny,
     to_diffusers,
+    to_diffusers_pipeline,
 )
 from jaxdiff.models.diffusers_pipeline import schedule_from_diffusers
+from jaxdiff.schedules import cosine_schedule, ve_schedule
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers")
 UNETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(FIXTURES, "unet_*")))
@@ -168,6 +172,7 @@ def ddpm_cifar10_folder(tmp_path_factory):
     return str(folder), tensors
 
 
+@pytest.mark.slow  # 35.7M parameters written and read (about 10 s)
 def test_ddpm_cifar10_checkpoint_layout(ddpm_cifar10_folder):
     folder, tensors = ddpm_cifar10_folder
     assert sum(v.size for v in tensors.values()) == 35_746_307
@@ -189,6 +194,7 @@ def test_ddpm_cifar10_checkpoint_layout(ddpm_cifar10_folder):
     assert model.attn_levels == (1,) and model.norm_groups == 32 and model.freq_shift == 1 and not model.flip_sin_to_cos
 
 
+@pytest.mark.slow  # 35.7M parameters written and read (about 10 s)
 def test_ddpm_cifar10_export_round_trip(ddpm_cifar10_folder, tmp_path):
     folder, tensors = ddpm_cifar10_folder
     model, params = from_diffusers(folder)
@@ -201,6 +207,24 @@ def test_ddpm_cifar10_export_round_trip(ddpm_cifar10_folder, tmp_path):
         np.testing.assert_array_equal(written[k], v, err_msg=k)
     _, params2 = from_diffusers(out)
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_export_matches_diffusers(tmp_path):
+    """A jaxdiff-native model exported, and diffusers' outputs on that folder (make_export_fixture.py)."""
+    model, params, x, t, y = native_model_and_params()
+    out = to_diffusers(model, params, str(tmp_path / "out"), sample_size=8)
+    committed = os.path.join(FIXTURES, "export_native")
+    with open(os.path.join(out, "config.json")) as f, open(os.path.join(committed, "config.json")) as g:
+        assert json.load(f) == json.load(g)
+    written, saved = load_file(os.path.join(out, WEIGHTS)), load_file(os.path.join(committed, WEIGHTS))
+    assert written.keys() == saved.keys()
+    for k in saved:
+        np.testing.assert_array_equal(written[k], saved[k], err_msg=k)
+    want = np.load(os.path.join(committed, "io.npz"))["out"]
+    got = _apply(model, params, x, t, y)
+    assert got.shape == want.shape == (2, 8, 8, 4)
+    rel = float(jnp.max(jnp.abs(got - want)) / np.max(np.abs(want)))
+    assert rel <= 1e-5, f"max relative error {rel:.2e}"
 
 
 def test_export_of_a_jaxdiff_model_by_resolution(tmp_path):
@@ -280,6 +304,33 @@ def test_pipeline_folder():
     }
     assert count_params(pipe.params) == sum(v.size for v in load_file(os.path.join(FIXTURES, "pipe_ddpm", "unet",
                                                                                      WEIGHTS)).values())
+
+
+def test_pipeline_export_round_trip(tmp_path):
+    pipe = from_diffusers_pipeline(os.path.join(FIXTURES, "pipe_ddpm"))
+    out = to_diffusers_pipeline(pipe.model, pipe.params, pipe.schedule, str(tmp_path / "p"), sampling=pipe.sampling,
+                                sample_size=8)
+    back = from_diffusers_pipeline(out)
+    assert back.sampling == pipe.sampling and back.model == pipe.model
+    np.testing.assert_array_equal(back.schedule.betas, pipe.schedule.betas)
+    np.testing.assert_allclose(back.schedule.alphas_cumprod, pipe.schedule.alphas_cumprod, rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, back.params, pipe.params)
+    index = os.path.join(FIXTURES, "pipe_ddpm", "model_index.json")
+    with open(os.path.join(out, "model_index.json")) as f, open(index) as g:
+        assert json.load(f) == json.load(g)
+    with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
+        assert json.load(f).keys() == _sched_config("ddpm_linear").keys()
+    ddim = SamplingDefaults("ddim", "v", False, None, 0.0, None)
+    cos = cosine_schedule(100)
+    back = from_diffusers_pipeline(to_diffusers_pipeline(pipe.model, pipe.params, cos, str(tmp_path / "q"),
+                                                         sampling=ddim))
+    assert back.sampling == ddim
+    np.testing.assert_array_equal(back.schedule.betas, cos.betas)
+    with pytest.raises(ValueError, match="schedule.kind"):
+        to_diffusers_pipeline(pipe.model, pipe.params, ve_schedule(10), str(tmp_path / "r"), sampling=ddim)
+    with pytest.raises(ValueError, match="learn_sigma"):
+        to_diffusers_pipeline(pipe.model, pipe.params, cos, str(tmp_path / "r"), sampling=pipe.sampling._replace(
+            variance="learned_range"))
 
 
 def test_pipeline_learned_variance(tmp_path):

@@ -5,6 +5,7 @@ from jaxdiff.models.diffusers_pipeline import (
     DiffusersPipeline,
     SamplingDefaults,
     from_diffusers_pipeline,
+    to_diffusers_pipeline,
 )
 from jaxdiff.models.layers import timestep_embedding
 from jaxdiff.models.unet import (
@@ -35,4 +36,5 @@ __all__ = [
     "timestep_embedding",
     "tiny",
     "to_diffusers",
+    "to_diffusers_pipeline",
 ]

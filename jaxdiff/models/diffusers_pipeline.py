@@ -20,6 +20,9 @@ Refused, naming the setting: ``thresholding``, ``steps_offset`` other than 0,
 diffusers visits when sampling with fewer steps than ``T``; jaxdiff's samplers use their own
 even spacing (:func:`jaxdiff.samplers.spaced_timesteps`), identical to all three at ``T`` steps
 (the DDPM default).
+
+:func:`to_diffusers_pipeline` writes the reverse: a ``DDPMPipeline`` (sampler ``ddpm``) or
+``DDIMPipeline`` (``ddim``) folder whose scheduler holds the schedule's betas as ``trained_betas``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "diffusers_betas",
     "from_diffusers_pipeline",
     "schedule_from_diffusers",
+    "to_diffusers_pipeline",
 ]
 
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
@@ -189,3 +193,51 @@ def from_diffusers_pipeline(path: str) -> DiffusersPipeline:
             )
         model = model.clone(out_channels=in_ch, learn_sigma=True)
     return DiffusersPipeline(model, params, schedule, sampling)
+
+
+_PIPELINE = {"ddpm": ("DDPMPipeline", "DDPMScheduler"), "ddim": ("DDIMPipeline", "DDIMScheduler")}
+
+
+def to_diffusers_pipeline(model: UNet, params, schedule: Schedule, path: str, *, sampling: SamplingDefaults,
+                          sample_size: int | None = None) -> str:
+    """Writes a ``DDPMPipeline`` / ``DDIMPipeline`` folder (``unet/``, ``scheduler/``, ``model_index.json``).
+
+    ``sampling.sampler`` (``"ddpm"`` or ``"ddim"``) picks the pipeline; the scheduler gets
+    ``trained_betas`` (the schedule's float32 betas, exactly), ``prediction_type``, ``clip_sample``
+    and, for DDPM, ``variance_type``. A learned-variance model (``learn_sigma``) needs
+    ``variance="learned_range"``. Settings diffusers cannot hold raise ``ValueError`` naming them.
+    """
+    if sampling.sampler not in _PIPELINE:
+        raise ValueError(f"sampling.sampler={sampling.sampler!r}: diffusers pipelines exist for {sorted(_PIPELINE)}")
+    if schedule.kind != "vp":
+        raise ValueError(f"schedule.kind={schedule.kind!r}: diffusers' DDPM/DDIM schedulers are variance preserving")
+    inverse = {v: k for k, v in _PREDICTION.items()}
+    if sampling.prediction not in inverse:
+        raise ValueError(f"sampling.prediction={sampling.prediction!r} (diffusers: {sorted(inverse)})")
+    variance = sampling.variance if sampling.sampler == "ddpm" else None
+    if sampling.sampler == "ddpm" and variance not in _VARIANCE:
+        raise ValueError(f"sampling.variance={variance!r} (supported: {list(_VARIANCE)})")
+    if (variance == "learned_range") != bool(model.learn_sigma):
+        raise ValueError(
+            f"model.learn_sigma={model.learn_sigma} with sampling.variance={variance!r}: diffusers splits the "
+            "output into mean and variance only for variance_type='learned_range'"
+        )
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path!r} exists and is not an empty folder: not overwriting it")
+    pipeline, scheduler = _PIPELINE[sampling.sampler]
+    config = {"_class_name": scheduler, "_diffusers_version": dm.WRITTEN_VERSION, **SCHEDULER_DEFAULTS[scheduler],
+              "num_train_timesteps": int(schedule.num_timesteps),
+              "trained_betas": [float(b) for b in np.asarray(schedule.betas, np.float32)],
+              "clip_sample": bool(sampling.clip_x0), "prediction_type": inverse[sampling.prediction]}
+    if variance is not None:
+        config["variance_type"] = variance
+    schedule_from_diffusers(config)  # what is written must read back
+    dm.to_diffusers(model, params, os.path.join(path, "unet"), sample_size=sample_size)
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    index = {"_class_name": pipeline, "_diffusers_version": dm.WRITTEN_VERSION,
+             "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DModel"]}
+    for name, content in ((SCHEDULER_CONFIG, config), ("model_index.json", index)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return path
