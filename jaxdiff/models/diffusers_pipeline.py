@@ -21,6 +21,11 @@ diffusers visits when sampling with fewer steps than ``T``; jaxdiff's samplers u
 even spacing (:func:`jaxdiff.samplers.spaced_timesteps`), identical to all three at ``T`` steps
 (the DDPM default).
 
+``clip_sample`` becomes ``clip_x0``. For DDPM the two are the same step. jaxdiff's DDIM step
+recomputes eps from the clipped x0 (Song et al.'s and GLIDE's form), which is diffusers'
+``DDIMScheduler.step(..., use_clipped_model_output=True)``; ``DDIMPipeline`` by default keeps
+the network's eps, so with ``clip_sample`` the two DDIM chains differ wherever clipping acts.
+
 :func:`to_diffusers_pipeline` writes the reverse: a ``DDPMPipeline`` (sampler ``ddpm``) or
 ``DDIMPipeline`` (``ddim``) folder whose scheduler holds the schedule's betas as ``trained_betas``.
 """
