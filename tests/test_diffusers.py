@@ -289,6 +289,12 @@ def test_scheduler_refuses():
     with pytest.raises(ValueError, match="thresholding=True"):
         schedule_from_diffusers(_sched_config("ddpm_thresholding"))
     linear = _sched_config("ddpm_linear")
+    # 2022 configs (google/ddpm-*) carry tensor_format and predict_epsilon.
+    old = {k: v for k, v in linear.items() if k != "prediction_type"}
+    _, sampling = schedule_from_diffusers({**old, "tensor_format": "pt", "predict_epsilon": False})
+    assert sampling.prediction == "x0"
+    with pytest.raises(ValueError, match="predict_epsilon"):
+        schedule_from_diffusers({**linear, "predict_epsilon": False})
     for setting, value in [("beta_schedule", "sigmoid"), ("variance_type", "learned"), ("_class_name", "PNDMScheduler"),
                            ("rescale_betas_zero_snr", True), ("clip_sample_range", 2.0), ("timestep_spacing", "odd"),
                            ("prediction_type", "sample_and_eps"), ("shift", 3.0)]:

@@ -14,6 +14,7 @@ Scheduler settings read (missing keys take diffusers' defaults): ``_class_name``
 checked against diffusers' formula); ``variance_type`` ``fixed_small`` / ``fixed_large`` /
 ``learned_range`` (the model then has ``learn_sigma``); ``clip_sample`` with
 ``clip_sample_range`` 1; ``prediction_type`` ``epsilon`` / ``sample`` (x0) / ``v_prediction`` (v).
+The 2022 keys ``tensor_format`` (ignored) and ``predict_epsilon`` are understood.
 Refused, naming the setting: ``thresholding``, ``steps_offset`` other than 0,
 ``rescale_betas_zero_snr``, DDIM's ``set_alpha_to_one=false``, other schedulers and schedules.
 ``timestep_spacing`` (``leading`` / ``linspace`` / ``trailing``) chooses which timesteps
@@ -118,12 +119,23 @@ def diffusers_betas(config: dict) -> np.ndarray:
     return betas.astype(np.float64)
 
 
+def _upgrade_legacy(config: dict) -> dict:
+    """Keys of 2022 configs (google/ddpm-*): ``tensor_format`` (array type only), ``predict_epsilon``."""
+    config = {k: v for k, v in config.items() if k != "tensor_format"}
+    if "predict_epsilon" in config:
+        legacy = "epsilon" if config.pop("predict_epsilon") else "sample"
+        if config.setdefault("prediction_type", legacy) != legacy:
+            raise ValueError(f"scheduler: predict_epsilon contradicts prediction_type={config['prediction_type']!r}")
+    return config
+
+
 def schedule_from_diffusers(config: dict) -> tuple[Schedule, SamplingDefaults]:
     """The :class:`Schedule` and :class:`SamplingDefaults` of a ``scheduler_config.json`` dict."""
     cls = config.get("_class_name")
     if cls not in SCHEDULER_DEFAULTS:
         raise ValueError(f"scheduler: _class_name={cls!r} is not supported (supported: {sorted(SCHEDULER_DEFAULTS)})")
     defaults = SCHEDULER_DEFAULTS[cls]
+    config = _upgrade_legacy(config)
     unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
     if unknown:
         raise ValueError(f"scheduler: unsupported setting(s) {unknown} for {cls}")
