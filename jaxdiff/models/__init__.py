@@ -1,5 +1,12 @@
 """Networks: the DDPM UNet, its building blocks and presets."""
 
+from jaxdiff.models.diffusers import from_diffusers, to_diffusers
+from jaxdiff.models.diffusers_pipeline import (
+    DiffusersPipeline,
+    SamplingDefaults,
+    from_diffusers_pipeline,
+    to_diffusers_pipeline,
+)
 from jaxdiff.models.layers import timestep_embedding
 from jaxdiff.models.unet import (
     PRESETS,
@@ -15,13 +22,19 @@ from jaxdiff.models.unet import (
 
 __all__ = [
     "PRESETS",
+    "DiffusersPipeline",
+    "SamplingDefaults",
     "UNet",
     "check_image_size",
     "count_params",
     "ddpm_cifar10",
     "digits",
+    "from_diffusers",
+    "from_diffusers_pipeline",
     "get_model",
     "small",
-    "tiny",
     "timestep_embedding",
+    "tiny",
+    "to_diffusers",
+    "to_diffusers_pipeline",
 ]

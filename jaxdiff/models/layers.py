@@ -8,6 +8,7 @@ while its parameters stay float32. Layer names follow the reference code
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -24,17 +25,23 @@ __all__ = [
 ]
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(
+    t: jax.Array, dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = False, freq_shift: float = 1.0
+) -> jax.Array:
     """Sinusoidal timestep embedding, DDPM convention.
 
-    ``freqs[i] = exp(-log(max_period) * i / (half - 1))`` for ``i < half = dim // 2``, and the
-    embedding is ``concat([sin(t * freqs), cos(t * freqs)])``, padded with one zero column when
-    ``dim`` is odd.
+    ``freqs[i] = exp(-log(max_period) * i / (half - freq_shift))`` for ``i < half = dim // 2``,
+    and the embedding is ``concat([sin(t * freqs), cos(t * freqs)])`` (``[cos, sin]`` with
+    ``flip_sin_to_cos``), padded with one zero column when ``dim`` is odd. The defaults are
+    DDPM's (``freq_shift=1``); diffusers' ``Timesteps(dim, flip_sin_to_cos, freq_shift)`` is
+    the same function.
 
     Args:
       t: ``[B]`` integer or float timesteps (samplers may evaluate fractional ones).
       dim: embedding width; at least 4 (so that ``half - 1 > 0``).
       max_period: the longest wavelength, ``10000`` as in the Transformer.
+      flip_sin_to_cos: put the cosines first.
+      freq_shift: the shift of the frequency denominator, ``half - freq_shift``.
 
     Returns:
       ``[B, dim]`` float32.
@@ -45,9 +52,10 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     if dim < 4:
         raise ValueError(f"timestep_embedding: dim must be >= 4, got dim={dim}")
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]  # [B, half]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)  # [B, 2 * half]
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(parts, axis=1)  # [B, 2 * half]
     if dim % 2 == 1:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -65,9 +73,15 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
     return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def group_norm(channels: int, dtype: jnp.dtype, name: str | None = None) -> nn.GroupNorm:
-    """GroupNorm with :func:`num_groups` groups; epsilon 1e-6 as in the reference code."""
-    return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
+def group_norm(
+    channels: int, dtype: jnp.dtype, name: str | None = None, groups: int | None = None, eps: float = 1e-6
+) -> nn.GroupNorm:
+    """GroupNorm with ``groups`` groups (default: :func:`num_groups`); epsilon 1e-6 as in the reference code."""
+    if groups is None:
+        groups = num_groups(channels)
+    elif channels % groups:
+        raise ValueError(f"group_norm: {channels} channels do not divide into norm_groups={groups} groups")
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def _conv3x3(features: int, dtype: jnp.dtype, name: str, zero_init: bool = False) -> nn.Conv:
@@ -83,28 +97,32 @@ class ResBlock(nn.Module):
     ``x -> GN -> SiLU -> Conv3x3 -> (+ Dense(SiLU(temb)))  -> GN -> SiLU -> Dropout -> Conv3x3``
     with the last conv zero-initialised, plus a skip path (a 1x1 conv when the channel count
     changes). With ``scale_shift=True`` the embedding instead modulates the second norm
-    (Nichol & Dhariwal 2021): ``GN(h) * (1 + scale) + shift``.
+    (Nichol & Dhariwal 2021): ``GN(h) * (1 + scale) + shift``. ``norm_groups`` / ``norm_eps``
+    set every GroupNorm's groups (default: :func:`num_groups`) and epsilon.
     """
 
     out_ch: int
     dropout: float = 0.0
     scale_shift: bool = False
     dtype: jnp.dtype = jnp.float32
+    norm_groups: int | None = None
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
         """``x``: ``[B, H, W, C_in]``; ``temb``: ``[B, E]``. Returns ``[B, H, W, out_ch]``."""
         c_in = x.shape[-1]
-        h = nn.silu(group_norm(c_in, self.dtype, "norm1")(x))
+        gn = partial(group_norm, dtype=self.dtype, groups=self.norm_groups, eps=self.norm_eps)
+        h = nn.silu(gn(c_in, name="norm1")(x))
         h = _conv3x3(self.out_ch, self.dtype, "conv1")(h)
         n_emb = 2 * self.out_ch if self.scale_shift else self.out_ch
         emb = nn.Dense(n_emb, dtype=self.dtype, name="temb_proj")(nn.silu(temb))
         emb = emb[:, None, None, :]  # [B, 1, 1, n_emb]
         if self.scale_shift:
             scale, shift = jnp.split(emb, 2, axis=-1)
-            h = group_norm(self.out_ch, self.dtype, "norm2")(h) * (1 + scale) + shift
+            h = gn(self.out_ch, name="norm2")(h) * (1 + scale) + shift
         else:
-            h = group_norm(self.out_ch, self.dtype, "norm2")(h + emb)
+            h = gn(self.out_ch, name="norm2")(h + emb)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv3x3(self.out_ch, self.dtype, "conv2", zero_init=True)(h)
@@ -118,26 +136,39 @@ class AttnBlock(nn.Module):
 
     ``GN -> q, k, v (1x1 projections) -> softmax(q k^T / sqrt(d)) v -> proj_out`` where
     ``proj_out`` is zero-initialised (the block starts as the identity). The logits and
-    softmax are computed in float32 whatever ``dtype`` is.
+    softmax are computed in float32 whatever ``dtype`` is. ``head_dim``, when set, fixes the
+    width of a head instead (``C // head_dim`` heads); ``use_norm=False`` drops the GroupNorm.
     """
 
     num_heads: int = 1
     dtype: jnp.dtype = jnp.float32
+    norm_groups: int | None = None
+    norm_eps: float = 1e-6
+    head_dim: int | None = None
+    use_norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]``; ``C`` must divide by ``num_heads``."""
+        """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]``; ``C`` must divide by ``num_heads`` (or ``head_dim``)."""
         b, hgt, wid, c = x.shape
-        if c % self.num_heads:
+        if self.head_dim is not None:
+            if c % self.head_dim:
+                raise ValueError(f"AttnBlock: channels ({c}) must be divisible by head_dim ({self.head_dim})")
+            num_heads = c // self.head_dim
+        else:
+            num_heads = self.num_heads
+        if c % num_heads:
             raise ValueError(
-                f"AttnBlock: channels ({c}) must be divisible by num_heads ({self.num_heads})"
+                f"AttnBlock: channels ({c}) must be divisible by num_heads ({num_heads})"
             )
-        d = c // self.num_heads
-        h = group_norm(c, self.dtype, "norm")(x)
+        d = c // num_heads
+        h = x
+        if self.use_norm:
+            h = group_norm(c, self.dtype, "norm", groups=self.norm_groups, eps=self.norm_eps)(x)
 
         def proj(name: str) -> jax.Array:  # [B, H*W, heads, d]
             y = nn.Dense(c, dtype=self.dtype, name=name)(h)
-            return y.reshape(b, hgt * wid, self.num_heads, d)
+            return y.reshape(b, hgt * wid, num_heads, d)
 
         q, k, v = proj("q"), proj("k"), proj("v")
         logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
@@ -151,15 +182,20 @@ class Downsample(nn.Module):
     """Conv 3x3 with stride 2 and SAME padding: ``[B, H, W, C] -> [B, H/2, W/2, C]``.
 
     For even sizes SAME pads one row/column at the bottom/right only, as TensorFlow does in
-    the reference code.
+    the reference code (``padding=0``, diffusers' ``downsample_padding=0``); ``padding=1`` pads
+    one row/column on every side instead.
     """
 
     dtype: jnp.dtype = jnp.float32
+    padding: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        return nn.Conv(c, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, name="conv")(x)
+        if self.padding not in (0, 1):
+            raise ValueError(f"Downsample: padding must be 0 or 1, got {self.padding!r}")
+        pad = "SAME" if self.padding == 0 else ((1, 1), (1, 1))
+        return nn.Conv(c, (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype, name="conv")(x)
 
 
 class Upsample(nn.Module):

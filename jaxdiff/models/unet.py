@@ -70,6 +70,16 @@ class UNet(nn.Module):
 
     As in the reference code, each ResBlock projects ``SiLU(temb)``; GroupNorm uses 32 groups,
     fewer for layers narrower than 64 channels (see :func:`jaxdiff.models.layers.num_groups`).
+
+    Options whose defaults are the reference code's (they exist to match other checkpoints,
+    e.g. diffusers' ``UNet2DModel``, see :mod:`jaxdiff.models.diffusers`):
+    ``norm_groups`` (every GroupNorm's groups; ``None``: the rule above) and ``norm_eps``;
+    ``flip_sin_to_cos`` / ``freq_shift`` of :func:`~jaxdiff.models.layers.timestep_embedding`;
+    ``downsample_padding`` (0: pad bottom/right, 1: every side); ``attn_levels`` (attention
+    after every ResBlock of these level indices, counted from the input resolution, instead of
+    by ``attn_resolutions``); ``head_dim`` (heads of width ``head_dim`` instead of
+    ``num_heads`` heads); ``mid_attn`` (the middle attention block) and ``mid_attn_norm``
+    (its GroupNorm).
     """
 
     ch: int = 128
@@ -84,6 +94,15 @@ class UNet(nn.Module):
     num_heads: int = 1
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    norm_groups: int | None = None
+    norm_eps: float = 1e-6
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
+    downsample_padding: int = 0
+    attn_levels: tuple[int, ...] | None = None
+    head_dim: int | None = None
+    mid_attn: bool = True
+    mid_attn_norm: bool = True
 
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
         if x.ndim != 4:
@@ -110,17 +129,24 @@ class UNet(nn.Module):
         emb_dim = 4 * self.ch
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
+        norm = {"norm_groups": self.norm_groups, "norm_eps": self.norm_eps}
+
         def res_block(h, out_ch, name):
-            block = block_cls(out_ch, self.dropout, self.scale_shift, dt, name=name)
+            block = block_cls(out_ch, self.dropout, self.scale_shift, dt, **norm, name=name)
             return block(h, temb, train)
 
-        def maybe_attn(h, name):
-            if h.shape[1] in self.attn_resolutions:
-                h = AttnBlock(self.num_heads, dt, name=name)(h)
-            return h
+        def attn(h, name, use_norm=True):
+            return AttnBlock(self.num_heads, dt, **norm, head_dim=self.head_dim, use_norm=use_norm, name=name)(h)
+
+        def maybe_attn(h, level, name):
+            if self.attn_levels is not None:
+                wanted = level in self.attn_levels
+            else:
+                wanted = h.shape[1] in self.attn_resolutions
+            return attn(h, name) if wanted else h
 
         # Time (and class) embedding: [B, 4 * ch].
-        temb = timestep_embedding(t, self.ch)
+        temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
         temb = nn.Dense(emb_dim, dtype=dt, name="temb_dense0")(temb)
         temb = nn.Dense(emb_dim, dtype=dt, name="temb_dense1")(nn.silu(temb))
         if self.num_classes is not None:
@@ -134,14 +160,15 @@ class UNet(nn.Module):
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
                 h = res_block(hs[-1], self.ch * mult, f"down_{i}_block_{j}")
-                hs.append(maybe_attn(h, f"down_{i}_attn_{j}"))
+                hs.append(maybe_attn(h, i, f"down_{i}_attn_{j}"))
             if i != num_levels - 1:
-                hs.append(Downsample(dt, name=f"down_{i}_downsample")(hs[-1]))
+                hs.append(Downsample(dt, self.downsample_padding, name=f"down_{i}_downsample")(hs[-1]))
 
         # Middle.
         h = hs[-1]
         h = res_block(h, h.shape[-1], "mid_block_1")
-        h = AttnBlock(self.num_heads, dt, name="mid_attn_1")(h)
+        if self.mid_attn:
+            h = attn(h, "mid_attn_1", use_norm=self.mid_attn_norm)
         h = res_block(h, h.shape[-1], "mid_block_2")
 
         # Upsampling.
@@ -149,7 +176,7 @@ class UNet(nn.Module):
             for j in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
                 h = res_block(h, self.ch * self.ch_mult[i], f"up_{i}_block_{j}")
-                h = maybe_attn(h, f"up_{i}_attn_{j}")
+                h = maybe_attn(h, i, f"up_{i}_attn_{j}")
             if i != 0:
                 h = Upsample(dt, name=f"up_{i}_upsample")(h)
         assert not hs, "every skip connection is consumed"
@@ -158,7 +185,7 @@ class UNet(nn.Module):
         out_ch = self.out_channels if self.out_channels is not None else x.shape[-1]
         if self.learn_sigma:
             out_ch *= 2
-        h = nn.silu(group_norm(h.shape[-1], dt, "norm_out")(h))
+        h = nn.silu(group_norm(h.shape[-1], dt, "norm_out", self.norm_groups, self.norm_eps)(h))
         h = nn.Conv(
             out_ch, (3, 3), padding="SAME", dtype=dt,
             kernel_init=nn.initializers.zeros, name="conv_out",
