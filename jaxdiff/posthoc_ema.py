@@ -75,10 +75,16 @@ def sigma_rel_to_gamma(sigma_rel):
     return gamma
 
 
+def _one_minus_beta(gamma, step):
+    """``1 - beta_t = -expm1((gamma + 1) log1p(-1/t))``: accurate in float32 for millions of steps, where
+    ``1 - 1/t`` itself would round to a few percent of ``1/t``."""
+    t = jnp.asarray(step, jnp.float32)
+    return -jnp.expm1((jnp.asarray(gamma, jnp.float32) + 1.0) * jnp.log1p(-1.0 / t))
+
+
 def power_beta(gamma, step):
     """EDM2 eq. 127: ``beta_t = (1 - 1/t)^(gamma + 1)`` (0 at ``t = 1``, which copies the parameters)."""
-    t = jnp.asarray(step, jnp.float32)
-    return (1.0 - 1.0 / t) ** (jnp.asarray(gamma, jnp.float32) + 1.0)
+    return 1.0 - _one_minus_beta(gamma, step)
 
 
 @flax.struct.dataclass
@@ -107,11 +113,10 @@ def update(state: PowerEMAState, params, step) -> PowerEMAState:
     ``step`` is ``t >= 1``, the number of optimizer steps taken including the one that produced
     ``params`` (a training state's step counter after its increment); it may be traced.
     """
-    beta = power_beta(state.gammas, step)  # [K]
+    w = _one_minus_beta(state.gammas, step)  # [K]
 
     def one(e, p):
-        b = beta.reshape(beta.shape + (1,) * (e.ndim - 1))
-        return b * e + (1.0 - b) * jnp.asarray(p, jnp.float32)[None]
+        return e + w.reshape(w.shape + (1,) * (e.ndim - 1)) * (jnp.asarray(p, jnp.float32)[None] - e)
 
     return state.replace(ema=jax.tree_util.tree_map(one, state.ema, params))
 

@@ -95,6 +95,23 @@ def test_update_gives_the_power_profile_weights():
                 np.testing.assert_allclose(np.asarray(states.ema[name][t - 1, k]), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_update_weight_is_accurate_late_in_training():
+    """``beta_t`` against float64 (rtol 1e-5 on ``1 - beta``), ``beta_1 = 0``, and single updates at t = 1e6
+    and 2e9, where ``1 - beta_t ~ 1e-5 .. 1e-8`` would lose its digits if formed as ``1 - beta`` in float32."""
+    steps = np.array([1, 2, 10, 1e3, 1e6, 2e9])
+    for sr in (0.05, 0.10):
+        g = ref_gamma(sr)
+        ref = 1.0 - (1.0 - 1.0 / steps) ** (g + 1)
+        ref[3:] = -np.expm1((g + 1) * np.log1p(-1.0 / steps[3:]))  # the same, without float64 cancellation
+        got = 1.0 - np.asarray(pe.power_beta(jnp.float32(g), jnp.asarray(steps, jnp.float32)), np.float64)
+        np.testing.assert_allclose(got[:4], ref[:4], rtol=1e-5)
+        state = pe.init({"w": jnp.zeros(3)}, (sr,))
+        for t, r in ((1_000_000, ref[4]), (2_000_000_000, ref[5])):
+            new = pe.update(state, {"w": jnp.ones(3)}, t)
+            np.testing.assert_allclose(np.asarray(new.ema["w"][0]), r, rtol=1e-5)
+    assert float(pe.power_beta(5.0, 1)) == 0.0
+
+
 # --------------------------------------------------------------------------- reconstruction
 
 T_RUN, EVERY = 1024, 128  # 8 snapshots of the two EDM2 profiles
