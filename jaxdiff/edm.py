@@ -30,7 +30,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.samplers.common import bcast, denoiser, karras_sigma, run_loop, t_from_sigma
+from jaxdiff.samplers import common
+from jaxdiff.samplers.common import bcast, karras_sigma, run_loop, t_from_sigma
 from jaxdiff.schedules import Schedule
 
 __all__ = [
@@ -148,7 +149,7 @@ def denoiser_from_eps(schedule: Schedule, model_fn: Callable, prediction: str = 
     A ``sigma`` outside the schedule's range ``[schedule.sigmas[0], schedule.sigmas[-1]]`` is
     clamped to its end in ``t`` (the network never saw other noise levels).
     """
-    den = denoiser(schedule, model_fn, prediction, clip_x0)
+    den = common.denoiser(schedule, model_fn, prediction, clip_x0)
 
     def fn(x, sigma):
         sigma = jnp.asarray(sigma, jnp.float32)
@@ -249,7 +250,7 @@ def sample_nfe(num_steps):
     return 2 * num_steps - 1
 
 
-def sample_with_info(denoiser_fn: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, s_churn=0.0, s_tmin=0.0,
+def sample_with_info(denoiser: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, s_churn=0.0, s_tmin=0.0,
                      s_tmax=float("inf"), s_noise=1.0, noise: jax.Array | None = None):
     """Like :func:`sample`, returning ``(x0, {"nfe", "num_steps"})`` (int32 scalars)."""
     sigmas = jnp.asarray(sigmas, jnp.float32)
@@ -268,7 +269,7 @@ def sample_with_info(denoiser_fn: Denoiser, x: jax.Array, sigmas: jax.Array, key
     b = x.shape[0]
 
     def deriv(x, sigma):  # dx/dsigma of the PF-ODE (eq. 4 with s = 1, sigma = t): (x - D) / sigma
-        return (x - denoiser_fn(x, jnp.full((b,), sigma)).astype(jnp.float32)) / sigma
+        return (x - denoiser(x, jnp.full((b,), sigma)).astype(jnp.float32)) / sigma
 
     def body(i, x):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -295,7 +296,7 @@ def sample_with_info(denoiser_fn: Denoiser, x: jax.Array, sigmas: jax.Array, key
     return out, {"nfe": evals.astype(jnp.int32), "num_steps": n}
 
 
-def sample(denoiser_fn: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, s_churn=0.0, s_tmin=0.0,
+def sample(denoiser: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, s_churn=0.0, s_tmin=0.0,
            s_tmax=float("inf"), s_noise=1.0, noise: jax.Array | None = None) -> jax.Array:
     """EDM Algorithm 2: Heun's method on ``sigmas`` with stochastic churn; Euler on the step to ``sigma = 0``.
 
@@ -308,7 +309,7 @@ def sample(denoiser_fn: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, 
     (:func:`sample_with_info` reports it).
 
     Args:
-      denoiser_fn: ``D(x [B, ...], sigma [B]) -> [B, ...]`` (:func:`precondition`, :func:`denoiser_from_eps`).
+      denoiser: ``D(x [B, ...], sigma [B]) -> [B, ...]`` (:func:`precondition`, :func:`denoiser_from_eps`).
       x: ``[B, ...]`` initial latent at ``sigmas[0]``, e.g. ``sigmas[0] * N(0, I)``.
       sigmas: ``[M + 1]`` decreasing grid (:func:`karras_sigmas`); the chain runs ``N`` steps, ``N``
         the index of its first zero (``M`` if none: it then stops at ``sigmas[M] > 0``). Entries
@@ -318,5 +319,5 @@ def sample(denoiser_fn: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, 
       noise: optional ``[M, B, ...]`` unit normal ``eps_i`` instead of ``key`` (for testing).
     Returns ``x_N`` ``[B, ...]`` float32.
     """
-    return sample_with_info(denoiser_fn, x, sigmas, key, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+    return sample_with_info(denoiser, x, sigmas, key, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
                             s_noise=s_noise, noise=noise)[0]

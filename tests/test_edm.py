@@ -355,6 +355,7 @@ def test_one_program_for_every_step_count_and_churn():
 
 def test_sampler_bad_inputs():
     x = jnp.zeros((4, 2))
+    edm.sample(denoiser=D_JAX, x=x, sigmas=edm.karras_sigmas(2), key=None, s_churn=0.0)  # the keyword names
     with pytest.raises(ValueError, match="pass `key` or `noise`"):
         edm.sample(D_JAX, x, edm.karras_sigmas(4), s_churn=1.0)
     with pytest.raises(ValueError, match="noise must have shape"):
