@@ -25,6 +25,7 @@ from jaxdiff.schedules import Schedule
 
 __all__ = [
     "spaced_timesteps",
+    "karras_sigma",
     "run_loop",
     "prior_sample",
     "bcast",
@@ -53,6 +54,20 @@ def spaced_timesteps(num_timesteps: int, num_steps, i):
         return jnp.where(j >= n, -1, t)
 
     return at(i), at(i + 1)
+
+
+def karras_sigma(i, num_steps, sigma_min, sigma_max, rho=7.0) -> jax.Array:
+    """``sigma_i`` of the ``num_steps``-point Karras et al. (2022) grid, EDM eq. 5; ``0`` for ``i >= num_steps``.
+
+    ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho`` for ``i < n``
+    (``sigma_0 = smax``, ``sigma_{n-1} = smin``; ``smax`` alone for ``n = 1``). Elementwise in ``i``;
+    every argument may be traced.
+    """
+    n = jnp.asarray(num_steps, jnp.float32)
+    frac = jnp.asarray(i, jnp.float32) / jnp.maximum(n - 1.0, 1.0)
+    inv = 1.0 / rho
+    sigma = (sigma_max**inv + frac * (sigma_min**inv - sigma_max**inv)) ** rho
+    return jnp.where(jnp.asarray(i) >= num_steps, 0.0, sigma)
 
 
 def run_loop(body: Callable, init, num_steps):

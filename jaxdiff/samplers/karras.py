@@ -27,7 +27,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion as d
-from jaxdiff.samplers.common import bcast, check_num_steps, denoiser, one_per_step, run_loop, t_from_sigma
+from jaxdiff.samplers.common import (
+    bcast,
+    check_num_steps,
+    denoiser,
+    karras_sigma,
+    one_per_step,
+    run_loop,
+    t_from_sigma,
+)
 from jaxdiff.schedules import Schedule
 
 __all__ = ["karras_sigmas", "euler", "heun", "euler_ancestral", "euler_nfe", "heun_nfe"]
@@ -44,12 +52,7 @@ def heun_nfe(num_steps):
 def karras_sigmas(schedule: Schedule, num_steps, i, rho=7.0) -> jax.Array:
     """``sigma_i`` of the ``num_steps``-point Karras grid (``0`` for ``i >= num_steps``); scalar, traceable."""
     T = schedule.num_timesteps
-    s_min, s_max = schedule.sigmas[0], schedule.sigmas[T - 1]
-    n = jnp.asarray(num_steps, jnp.float32)
-    frac = jnp.asarray(i, jnp.float32) / jnp.maximum(n - 1.0, 1.0)
-    inv = 1.0 / rho
-    sigma = (s_max**inv + frac * (s_min**inv - s_max**inv)) ** rho
-    return jnp.where(jnp.asarray(i) >= num_steps, 0.0, sigma)
+    return karras_sigma(i, num_steps, schedule.sigmas[0], schedule.sigmas[T - 1], rho)
 
 
 def _step_sigmas(schedule: Schedule, num_steps, i, rho):
