@@ -25,19 +25,21 @@ from jaxdiff.schedules import (
 
 __version__ = "0.1.0"
 
-_LAZY = ("data", "models", "training")  # heavier subpackages, imported on first attribute access
+_LAZY = ("data", "edm", "metrics", "models", "posthoc_ema", "training")  # imported on first attribute access
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return importlib.import_module(f"jaxdiff.{name}")
+    if name == "from_diffusers_pipeline":
+        return importlib.import_module("jaxdiff.models").from_diffusers_pipeline
     raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
 
 __all__ = [
     "diffusion", "flow", "guidance", "likelihood", "losses", "oracle", "samplers", "schedules",
     "Schedule", "linear_schedule", "cosine_schedule", "sigmoid_schedule", "schedule_from_betas", "ve_schedule",
     "q_sample", "q_posterior", "p_mean_variance", "diffusion_loss", "variational_bound",
-    "ddpm_step", "ddim_step", "sample", "sample_with_info",
+    "ddpm_step", "ddim_step", "sample", "sample_with_info", "from_diffusers_pipeline",
 ]
