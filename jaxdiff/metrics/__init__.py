@@ -1,7 +1,9 @@
 """Sample-quality metrics: FID, KID and precision/recall on network features.
 
-The offline digits feature network is :mod:`jaxdiff.metrics.digits`; reference statistics of a
-dataset are made by ``python -m jaxdiff.metrics.stats``.
+The FID Inception network (pytorch-fid's, from its weights converted to safetensors) is
+:mod:`jaxdiff.metrics.inception`; the offline digits feature network is
+:mod:`jaxdiff.metrics.digits`; reference statistics of a dataset are made by
+``python -m jaxdiff.metrics.stats``.
 """
 
 from jaxdiff.metrics import fid
@@ -15,15 +17,31 @@ from jaxdiff.metrics.fid import (
     precision_recall,
     save_stats,
 )
+from jaxdiff.metrics.inception import (
+    FIDInceptionV3,
+    InceptionFeatures,
+    expected_state_dict_shapes,
+    inception_from_state_dict,
+    load_inception,
+    preprocess,
+    resize_bilinear,
+)
 
 __all__ = [
+    "FIDInceptionV3",
     "FeatureStats",
+    "InceptionFeatures",
+    "expected_state_dict_shapes",
     "feature_statistics",
     "fid",
     "frechet_distance",
     "frechet_distance_from_stats",
+    "inception_from_state_dict",
     "kernel_inception_distance",
+    "load_inception",
     "load_stats",
     "precision_recall",
+    "preprocess",
+    "resize_bilinear",
     "save_stats",
 ]
