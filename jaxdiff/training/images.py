@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["grid_labels", "to_uint8", "make_grid", "save_grid"]
+__all__ = ["grid_labels", "to_uint8", "make_grid", "grid_image", "save_grid"]
 
 
 def grid_labels(num_samples: int, num_classes: int | None) -> np.ndarray:
@@ -34,11 +34,23 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.
     return grid
 
 
-def save_grid(images: np.ndarray, path: str, ncols: int | None = None, min_size: int = 512) -> None:
-    """Saves uint8 ``[N, H, W, C]`` images as a PNG grid, upscaled (nearest) to at least ``min_size`` px."""
+def grid_image(images: np.ndarray, ncols: int | None = None, min_size: int = 512) -> Image.Image:
+    """uint8 ``[N, H, W, C]`` images (``C`` = 1 or 3) as one PIL image, upscaled (nearest) to at least ``min_size`` px.
+
+    Greyscale grids are mode ``"L"`` (PIL has no ``(H, W, 1)`` images); notebooks display the
+    result inline.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, 1 or 3] (see to_uint8), got {images.dtype} {images.shape}")
     grid = make_grid(images, ncols)
     scale = max(1, min_size // max(grid.shape[:2]))
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    img.save(path)
+    return img
+
+
+def save_grid(images: np.ndarray, path: str, ncols: int | None = None, min_size: int = 512) -> None:
+    """Saves uint8 ``[N, H, W, C]`` images as a PNG grid (:func:`grid_image`)."""
+    grid_image(images, ncols, min_size).save(path)

@@ -9,6 +9,7 @@ raises ``ValueError("config.SECTION.NAME=VALUE: why")`` before anything is compi
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax.numpy as jnp
 import optax
@@ -21,8 +22,8 @@ from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
 from jaxdiff.training.state import make_optimizer
 
-__all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "SCHEDULES", "OBJECTIVES",
-           "MODEL_OVERRIDES"]
+__all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "get_config", "SCHEDULES",
+           "OBJECTIVES", "MODEL_OVERRIDES"]
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = registry.OBJECTIVES
@@ -158,3 +159,26 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
     return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes,
                schedule=make_schedule(config.diffusion), model=model, tx=tx)
+
+
+def get_config(name: str):
+    """The config ``configs/NAME.py`` of the installed package (e.g. ``"digits"``), locked.
+
+    Locked like ``--config`` on the command line: setting a field that does not exist
+    (``config.train.num_step = 5``) raises instead of adding a new, silently unused field.
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as error:
+        if error.name not in ("configs", f"configs.{name}"):
+            raise
+        import configs
+
+        known = sorted(n[:-3] for n in os.listdir(os.path.dirname(configs.__file__))
+                       if n.endswith(".py") and not n.startswith("_"))
+        raise ValueError(f"config name {name!r} is unknown; known configs: {known}") from None
+    config = module.get_config()
+    config.lock()
+    return config
