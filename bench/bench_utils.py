@@ -1,8 +1,9 @@
-"""Shared pieces of the benchmarks: timing (alternating A/B, medians), tables, JSON, machine info,
-and the benchmark network configurations built in both stacks (jaxdiff UNet, diffusers UNet2DModel).
+"""The benchmarks' harness: timing (alternating A/B, medians), cross-process A/B workers (for
+XLA flags), tables, JSON, machine info, and the optional torch side (threads, availability).
 
-Not a test module: ``bench/`` is never collected by pytest. Every script imports this file from
-its own directory (``python bench/NAME.py`` puts ``bench/`` on ``sys.path``).
+The networks live in ``bench/networks.py``, the oracle metrics in ``bench/oracle_metrics.py``.
+Not a test module: ``bench/`` is never collected by pytest. Every script imports these files
+from its own directory (``python bench/NAME.py`` puts ``bench/`` on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BENCH_DATE = "2026-11-23"  # the date the figures in BENCHMARKS.md were taken
@@ -122,7 +123,7 @@ def alternate(cases: dict[str, Callable[[], None]], rounds: int, iters: int | di
     noise of a shared machine; alternation spreads slow periods over every case alike.
     """
     iters = iters if isinstance(iters, dict) else {k: iters for k in cases}
-    for name, fn in cases.items():
+    for fn in cases.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in cases}
@@ -139,86 +140,7 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-# --------------------------------------------------------------------------- networks
-@dataclasses.dataclass(frozen=True)
-class NetConfig:
-    """One benchmark network: the jaxdiff UNet fields plus the data it trains on."""
-
-    name: str
-    image_shape: tuple[int, int, int]  # (H, W, C)
-    ch: int
-    ch_mult: tuple[int, ...]
-    num_res_blocks: int
-    attn_resolutions: tuple[int, ...]
-    batch: int
-    num_classes: int | None = None
-    dropout: float = 0.0
-
-
-CONFIGS = {
-    # CPU-sized 32x32 RGB network: the DDPM CIFAR-10 architecture at a quarter of its width
-    # (ch 32), 3 levels, 1 ResBlock per level, attention at 16x16.
-    "cifar_small": NetConfig("cifar_small", (32, 32, 3), 32, (1, 2, 2), 1, (16,), batch=16),
-    # The repository's default (configs/digits.py): class-conditional, 8x8x1, batch 128.
-    "digits": NetConfig("digits", (8, 8, 1), 64, (1, 2), 1, (4,), batch=128, num_classes=10),
-    # Ho et al. (2020) CIFAR-10 model (35.7M parameters), batch 128: for accelerators.
-    "ddpm_cifar10": NetConfig("ddpm_cifar10", (32, 32, 3), 128, (1, 2, 2, 2), 2, (16,), batch=128, dropout=0.1),
-}
-
-
-def jax_unet(cfg: NetConfig, dtype: str = "float32", remat: bool = False):
-    import jax.numpy as jnp
-
-    from jaxdiff.models import UNet
-
-    return UNet(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
-                attn_resolutions=cfg.attn_resolutions, dropout=cfg.dropout, num_classes=cfg.num_classes,
-                dtype=jnp.dtype(dtype), remat=remat)
-
-
-def torch_unet(cfg: NetConfig):
-    """The same architecture as diffusers' ``UNet2DModel``.
-
-    Matched: block widths, one ResBlock stack per level (``layers_per_block``; the decoder has one
-    more, as in both codebases), attention (one head, full width) after every ResBlock at the
-    ``attn_resolutions`` and in the middle, GroupNorm(32, eps=1e-6), the DDPM sinusoidal time
-    embedding (sin first, ``freq_shift=1``) through two Dense layers to ``4 ch``, a class
-    embedding table of ``num_classes + 1`` rows (null label) when conditional, strided-conv
-    downsampling and nearest-upsample + conv. The only difference: jaxdiff's stride-2 conv pads
-    SAME (bottom/right), diffusers' pads 1 on each side (same shapes and FLOPs).
-    """
-    from diffusers import UNet2DModel
-
-    h, _, c = cfg.image_shape
-    down, up, res = [], [], h
-    for _ in cfg.ch_mult:
-        down.append("AttnDownBlock2D" if res in cfg.attn_resolutions else "DownBlock2D")
-        up.insert(0, "AttnUpBlock2D" if res in cfg.attn_resolutions else "UpBlock2D")
-        res //= 2
-    model = UNet2DModel(
-        sample_size=h, in_channels=c, out_channels=c, time_embedding_type="positional",
-        flip_sin_to_cos=False, freq_shift=1, down_block_types=tuple(down), up_block_types=tuple(up),
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
-        attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, dropout=cfg.dropout,
-        num_class_embeds=None if cfg.num_classes is None else cfg.num_classes + 1,
-    )
-    # diffusers takes one group count for every norm; jaxdiff uses num_groups(channels) (32 for
-    # wide layers, fewer for narrow ones). GroupNorm's parameters are per channel, so setting the
-    # count per module gives the identical network.
-    import torch
-
-    from jaxdiff.models.layers import num_groups
-
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.GroupNorm):
-            mod.num_groups = num_groups(mod.num_channels)
-    return model
-
-
-def torch_param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
+# --------------------------------------------------------------------------- torch side (optional)
 def quiet_torch():
     """Silences diffusers' import-time warnings and returns torch."""
     import logging

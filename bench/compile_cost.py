@@ -15,8 +15,9 @@ happen when the number of steps, eta or the guidance scale change (goal: none).
 
 Commands (from the repository root)::
 
-    python bench/compile_cost.py              # first sample / first step: digits network; counts: tiny
-    python bench/compile_cost.py --quick      # tiny network everywhere, fewer grid points
+    python bench/compile_cost.py              # first sample / step / init: digits (+ cifar_small step); counts: tiny
+    python bench/compile_cost.py --quick      # tiny sample, digits step at batch 32, fewer grid points
+    python bench/compile_cost.py --networks digits_x10,cifar_small   # the train-step networks of BENCHMARKS.md
 
 Writes ``bench/results/compile_cost.json``.
 """
@@ -24,7 +25,6 @@ Writes ``bench/results/compile_cost.json``.
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import json
 import statistics
@@ -33,29 +33,26 @@ import sys
 import time
 
 import bench_utils as bu
+import networks as nets
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def _conditional_setup(preset: str, batch: int):
+def _conditional_setup(name: str, batch: int):
+    """A class-conditional network of bench/networks.py, its parameters, ``batch`` labels, the sample shape."""
     import jax
     import jax.numpy as jnp
 
     import jaxdiff
-    from jaxdiff.models import get_model
 
-    model = get_model(preset, num_classes=10)
-    shape = (8, 8, 1)
-    params = model.init(jax.random.key(0), jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32),
+    net = nets.get(name)
+    if net.num_classes is None:
+        raise ValueError(f"network {name!r} is not class-conditional")
+    model = nets.build(net)
+    params = model.init(jax.random.key(0), jnp.zeros((1, *net.image_shape)), jnp.zeros((1,), jnp.int32),
                         jnp.zeros((1,), jnp.int32))["params"]
-    labels = jnp.arange(batch, dtype=jnp.int32) % 10
-    return model, params, labels, (batch, *shape), jaxdiff.linear_schedule(1000)
-
-
-def _takes(sampler: str, option: str) -> bool:
-    from jaxdiff.samplers import SAMPLERS
-
-    return option in inspect.signature(SAMPLERS[sampler].run).parameters
+    labels = jnp.arange(batch, dtype=jnp.int32) % net.num_classes
+    return model, params, labels, (batch, *net.image_shape), jaxdiff.linear_schedule(1000)
 
 
 def make_generate(model, schedule, shape, sampler: str):
@@ -64,13 +61,14 @@ def make_generate(model, schedule, shape, sampler: str):
 
     from jaxdiff import guidance, samplers
 
-    takes_eta = _takes(sampler, "eta")
-    adaptive = not _takes(sampler, "num_steps")
+    spec = samplers.SAMPLERS[sampler]
+    takes_eta = "eta" in spec.options
+    adaptive = spec.adaptive
 
     @jax.jit
     def generate(params, key, labels, knob, eta, w):
-        net = lambda x, t, y: model.apply({"params": params}, x, t, y, train=False)  # noqa: E731
-        fn = guidance.classifier_free_guidance(net, labels, null_label=10, guidance_scale=w)
+        net = lambda x, t, y: model.apply({"params": params}, x, t, y, train=False)
+        fn = guidance.classifier_free_guidance(net, labels, null_label=model.num_classes, guidance_scale=w)
         kw = {"eta": eta} if takes_eta else {}
         if adaptive:
             kw.update(rtol=knob, atol=knob)
@@ -82,11 +80,11 @@ def make_generate(model, schedule, shape, sampler: str):
 
 
 # --------------------------------------------------------------------------- child processes
-def child_first_sample(preset: str, batch: int, num_steps: int) -> dict:
+def child_first_sample(name: str, batch: int, num_steps: int) -> dict:
     import jax
 
     t_start = time.perf_counter()
-    model, params, labels, shape, schedule = _conditional_setup(preset, batch)
+    model, params, labels, shape, schedule = _conditional_setup(name, batch)
     gen, _, _ = make_generate(model, schedule, shape, "ddim")
     key = jax.random.key(0)
     t0 = time.perf_counter()
@@ -98,17 +96,13 @@ def child_first_sample(preset: str, batch: int, num_steps: int) -> dict:
         t0 = time.perf_counter()
         gen(params, key, labels, num_steps, 0.0, 2.0).block_until_ready()
         runs.append(time.perf_counter() - t0)
-    return {"what": f"first DDIM sample ({num_steps} steps, batch {batch}, guidance 2, {preset} network)",
+    return {"what": f"first DDIM sample ({num_steps} steps, batch {batch}, guidance 2, {name} network)",
             "setup_s": setup, "first_call_s": first, "steady_s": statistics.median(runs),
             "compile_s": first - statistics.median(runs)}
 
 
-def child_first_step(config: str, batch: int) -> dict:
-    sys.path.insert(0, bu.__file__.rsplit("/", 1)[0])
-    import train_throughput as tt
-
-    cfg = bu.CONFIGS[config]
-    run, info = tt.jax_train_step(cfg, batch)  # create_train_state, then lower + compile the step
+def child_first_step(name: str, batch: int) -> dict:
+    run, info = nets.jax_train_step(nets.get(name), batch)  # create_train_state, then lower + compile the step
     t1 = time.perf_counter()
     run(1)
     first_exec = time.perf_counter() - t1
@@ -117,28 +111,28 @@ def child_first_step(config: str, batch: int) -> dict:
         t2 = time.perf_counter()
         run(1)
         runs.append(time.perf_counter() - t2)
-    return {"what": f"first train step ({config} network, batch {batch})", "setup_s": info["init_s"],
+    return {"what": f"first train step ({name} network, batch {batch})", "setup_s": info["init_s"],
             "compile_s": info["compile_s"], "first_call_s": info["compile_s"] + first_exec,
             "steady_s": statistics.median(runs)}
 
 
-def child_init(config: str, mode: str) -> dict:
+def child_init(name: str, mode: str) -> dict:
     """Time of ``create_train_state`` as the library runs it (eager Flax init, op by op) or under ``jax.jit``."""
     import jax
 
     from jaxdiff.training.state import create_train_state, make_optimizer
 
-    cfg = bu.CONFIGS[config]
-    model = bu.jax_unet(cfg)
+    net = nets.get(name)
+    model = nets.build(net)
     tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
     fn = create_train_state if mode == "eager" else jax.jit(create_train_state, static_argnums=(1, 2, 3),
                                                              static_argnames=("num_classes",))
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(jax.random.key(0), model, tx, cfg.image_shape, num_classes=cfg.num_classes))
+    jax.block_until_ready(fn(jax.random.key(0), model, tx, net.image_shape, num_classes=net.num_classes))
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(jax.random.key(1), model, tx, cfg.image_shape, num_classes=cfg.num_classes))
-    return {"what": f"create_train_state, {mode} ({config} network)", "first_s": first,
+    jax.block_until_ready(fn(jax.random.key(1), model, tx, net.image_shape, num_classes=net.num_classes))
+    return {"what": f"create_train_state, {mode} ({name} network)", "first_s": first,
             "second_s": time.perf_counter() - t0}
 
 
@@ -149,7 +143,7 @@ def run_child(*args) -> dict:
 
 
 # --------------------------------------------------------------------------- recompilation counts
-def count_recompiles(preset: str, batch: int, quick: bool) -> dict:
+def count_recompiles(name: str, batch: int, quick: bool) -> dict:
     import jax
 
     from jaxdiff import samplers
@@ -157,7 +151,7 @@ def count_recompiles(preset: str, batch: int, quick: bool) -> dict:
     events: list[str] = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: events.append(event) if event == COMPILE_EVENT else None)
-    model, params, labels, shape, schedule = _conditional_setup(preset, batch)
+    model, params, labels, shape, schedule = _conditional_setup(name, batch)
     key = jax.random.key(0)
     steps = (5, 10) if quick else (5, 10, 20, 50)
     etas = (0.0, 1.0) if quick else (0.0, 0.5, 1.0)
@@ -183,10 +177,7 @@ def count_recompiles(preset: str, batch: int, quick: bool) -> dict:
 
 
 def count_train_recompiles(batch: int) -> dict:
-    sys.path.insert(0, bu.__file__.rsplit("/", 1)[0])
     import jax
-
-    import train_throughput as tt
 
     events: list[str] = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -195,13 +186,13 @@ def count_train_recompiles(batch: int) -> dict:
     from jaxdiff.training.state import create_train_state, make_optimizer
     from jaxdiff.training.step import train_step
 
-    cfg = bu.NetConfig("tiny", (8, 8, 1), 16, (1, 2), 1, (4,), batch=batch, num_classes=10)
-    model = bu.jax_unet(cfg)
+    net = nets.get("tiny")
+    model = nets.build(net)
     tx = make_optimizer(2e-4, warmup_steps=10, grad_clip=1.0)
-    state = create_train_state(jax.random.key(0), model, tx, cfg.image_shape, num_classes=10)
+    state = create_train_state(jax.random.key(0), model, tx, net.image_shape, num_classes=net.num_classes)
     step = jax.jit(functools.partial(train_step, apply_fn=model.apply, tx=tx, schedule=jaxdiff.linear_schedule(1000),
-                                     num_classes=10, label_dropout=0.1), donate_argnums=(0,))
-    batches = [tt.make_jax_batch(cfg, batch, seed=s) for s in range(5)]
+                                     num_classes=net.num_classes, label_dropout=0.1), donate_argnums=(0,))
+    batches = [nets.make_jax_batch(net, batch, seed=s) for s in range(5)]
     key = jax.random.key(1)
     before = len(events)
     state, m = step(state, batches[0], key)
@@ -227,16 +218,18 @@ def main():
         print(json.dumps(res))
         return
     p = bu.parser(__doc__)
+    p.add_argument("--networks", default=None,
+                   help="train-step / init networks of bench/networks.py (default digits,cifar_small; quick digits)")
     args = p.parse_args()
-    preset = "tiny" if args.quick else "digits"
+    sample_net = "tiny" if args.quick else "digits"
+    step_nets = (args.networks or ("digits" if args.quick else "digits,cifar_small")).split(",")
     results = {"first": {}, "recompiles": {}}
     bu.eprint("time to first sample / step (fresh processes) ...")
-    results["first"]["sample"] = run_child("sample", preset, 16, 50)
-    results["first"]["train_step_digits"] = run_child("step", "digits", 32 if args.quick else 128)
-    if not args.quick:
-        results["first"]["train_step_cifar_small"] = run_child("step", "cifar_small", 16)
-    init_cfg = "digits"
-    results["init"] = {mode: run_child("init", init_cfg, mode) for mode in ("eager", "jit")}
+    results["first"]["sample"] = run_child("sample", sample_net, 16, 50)
+    for name in step_nets:
+        batch = nets.get(name).batch
+        results["first"][f"train_step_{name}"] = run_child("step", name, min(batch, 32) if args.quick else batch)
+    results["init"] = {mode: run_child("init", step_nets[0], mode) for mode in ("eager", "jit")}
     bu.eprint("recompilations (tiny conditional network, batch 8) ...")
     results["recompiles"] = count_recompiles("tiny", 8, args.quick)
     results["recompiles"]["train_step"] = count_train_recompiles(8)

@@ -16,6 +16,7 @@ Goal: train step / conv peak >= 0.75.
 Commands (from the repository root)::
 
     python bench/efficiency.py              # N = 2048, conv [32, 32, 32, 128], cifar_small + digits steps
+    python bench/efficiency.py --steps cifar_small,digits_x10   # the networks of BENCHMARKS.md
     python bench/efficiency.py --quick
 
 Writes ``bench/results/efficiency.json``.
@@ -28,13 +29,12 @@ import functools
 import numpy as np
 
 import bench_utils as bu
+import networks as nets
 
 
 def jax_cases(n: int, conv_shape, steps: list[str]):
     import jax
     import jax.numpy as jnp
-
-    import train_throughput as tt
 
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((n, n)).astype(np.float32))
@@ -62,9 +62,9 @@ def jax_cases(n: int, conv_shape, steps: list[str]):
         "jax conv fwd+bwd": (lambda: jax.block_until_ready(f_conv_fb(x, k, ct)), 3 * conv_flops),
     }
     for name in steps:
-        cfg = bu.CONFIGS[name]
-        run, info = tt.jax_train_step(cfg, cfg.batch)
-        cases[f"jax train step {name} (batch {cfg.batch})"] = (functools.partial(run, 1), info["flops_per_step"])
+        net = nets.get(name)
+        run, info = nets.jax_train_step(net, net.batch)
+        cases[f"jax train step {name} (batch {net.batch})"] = (functools.partial(run, 1), info["flops_per_step"])
     return cases, {"conv_flops_formula": conv_flops, "conv_flops_xla": float(xla_conv_flops)}
 
 
@@ -100,7 +100,8 @@ def main():
     p = bu.parser(__doc__)
     p.add_argument("--n", type=int, default=None, help="matmul size (default 2048; quick 1024)")
     p.add_argument("--conv", default=None, help="conv shape B,H,W,C (default 32,32,32,128; quick 8,32,32,128)")
-    p.add_argument("--steps", default=None, help="train-step configs (default cifar_small,digits; quick digits)")
+    p.add_argument("--steps", default=None, help="train-step networks of bench/networks.py (default "
+                   "cifar_small,digits; quick digits)")
     p.add_argument("--no-torch", action="store_true")
     bu.add_torch_threads_option(p)
     args = p.parse_args()

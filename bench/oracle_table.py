@@ -1,12 +1,18 @@
-"""Distance to the Gaussian-mixture oracle of every sampler at 10, 20 and 50 network evaluations.
+"""Distance to the Gaussian-mixture oracle of every jaxdiff sampler at 10, 20 and 50 network evaluations.
+
+The question: how close to the exact distribution does each jaxdiff sampler get for a given
+number of network calls, by three independent distances (MMD against the exact mixture, sliced
+W2, NLL gap)? ``bench/quality.py`` asks the same of jaxdiff *against diffusers' schedulers*
+(SW2 and NLL gap only); the two share their metrics (``bench/oracle_metrics.py``).
 
     python bench/oracle_table.py                 # 8000 samples per cell
     python bench/oracle_table.py --quick         # 2000 samples
 
 The model is exact (``jaxdiff.oracle.default_mixture(2)`` on a linear T=1000 schedule), so the
-numbers measure only the samplers' discretization. Step counts per NFE budget ``N``: ``n = N``
-for ddpm / ddim / dpm_solver++ / euler / euler_ancestral, ``n = (N + 1) // 2`` for heun
-(NFE ``2n - 1``), ``n = N // 2`` for pc with one corrector step (NFE ``2n``); the adaptive ODE is
+numbers measure only the samplers' discretization. Step counts per NFE budget ``N``: the most
+steps whose NFE (the sampler registry's rule) is at most ``N``: ``n = N`` for ddpm / ddim /
+dpm_solver++ / euler / euler_ancestral, ``n = (N + 1) // 2`` for heun (NFE ``2n - 1``),
+``n = N // 2`` for pc with one corrector step (NFE ``2n``); the adaptive ODE is
 listed by tolerance with the NFE it used. Metrics (lower is better):
 
 * ``mmd2``: unbiased squared MMD (Gaussian kernel, bandwidth 0.5) against the *exact* mixture
@@ -26,61 +32,33 @@ import time
 import jax
 import jax.numpy as jnp
 
-import bench_utils as bu
 from jaxdiff.oracle import default_mixture
 from jaxdiff.samplers import sample_with_info
 from jaxdiff.schedules import linear_schedule
 
+import bench_utils as bu
+from oracle_metrics import mmd2, sliced_w2, steps_for_budget
+
 BUDGETS = (10, 20, 50)
-# (label, sampler, static options, steps for an NFE budget)
+# (label, sampler, static options); steps per NFE budget: oracle_metrics.steps_for_budget
 CONFIGS = [
-    ("ddpm", "ddpm", {}, lambda n: n),
-    ("ddim", "ddim", {}, lambda n: n),
-    ("dpm_solver++ (2M)", "dpm_solver++", {}, lambda n: n),
-    ("dpm_solver++ (3M)", "dpm_solver++", {"order": 3}, lambda n: n),
-    ("euler", "euler", {}, lambda n: n),
-    ("heun", "heun", {}, lambda n: (n + 1) // 2),
-    ("euler_ancestral", "euler_ancestral", {}, lambda n: n),
-    ("pc (M=1)", "pc", {}, lambda n: n // 2),
+    ("ddpm", "ddpm", {}),
+    ("ddim", "ddim", {}),
+    ("dpm_solver++ (2M)", "dpm_solver++", {}),
+    ("dpm_solver++ (3M)", "dpm_solver++", {"order": 3}),
+    ("euler", "euler", {}),
+    ("heun", "heun", {}),
+    ("euler_ancestral", "euler_ancestral", {}),
+    ("pc (M=1)", "pc", {}),
 ]
 ODE_TOLERANCES = (3e-2, 1e-2, 1e-3, 1e-5)
-
-
-def mmd2(x, mix, ell=0.5, block=1000):
-    """Unbiased MMD^2 between ``x`` [n, D] and the mixture, exact mixture terms (float32, blockwise)."""
-    n, dim = x.shape
-    l2 = ell**2
-    eye = jnp.eye(dim)
-
-    def embed(diff, s):  # E k for a Gaussian difference of covariance s - ell^2 I
-        quad = jnp.einsum("...i,ij,...j->...", diff, jnp.linalg.inv(s), diff)
-        return ell**dim / jnp.sqrt(jnp.linalg.det(s)) * jnp.exp(-0.5 * quad)
-
-    @jax.jit
-    def pair_sum(xb, x):
-        d2 = jnp.sum((xb[:, None, :] - x[None]) ** 2, -1)
-        return jnp.sum(jnp.exp(-d2 / (2.0 * l2)))
-
-    xx = sum(float(pair_sum(x[i:i + block], x)) for i in range(0, n, block)) - n  # drop the diagonal
-    k = mix.weights.shape[0]
-    xp = float(jnp.mean(sum(mix.weights[c] * embed(x - mix.means[c], l2 * eye + mix.covs[c]) for c in range(k))))
-    pp = float(sum(mix.weights[a] * mix.weights[b] * embed(mix.means[a] - mix.means[b], l2 * eye + mix.covs[a] + mix.covs[b])
-                   for a in range(k) for b in range(k)))
-    return xx / (n * (n - 1)) - 2.0 * xp + pp
-
-
-def sliced_w2(x, y, key, num_dirs=128):
-    dirs = jax.random.normal(key, (num_dirs, x.shape[1]))
-    dirs = dirs / jnp.linalg.norm(dirs, axis=1, keepdims=True)
-    px, py = jnp.sort(x @ dirs.T, axis=0), jnp.sort(y @ dirs.T, axis=0)
-    return float(jnp.sqrt(jnp.mean((px - py) ** 2)))
 
 
 def metrics(x, mix, ref, key, base_nll):
     x = jnp.asarray(x)
     return {
         "mmd2_x1e4": 1e4 * mmd2(x, mix),
-        "sw2": sliced_w2(x, ref, key),
+        "sw2": sliced_w2(x, ref, jax.random.normal(key, (128, x.shape[1]))),
         "nll_gap": float(-jnp.mean(mix.log_prob(x))) - base_nll,
     }
 
@@ -104,11 +82,11 @@ def main():
 
     rows = [{"sampler": "exact samples", "budget": None, "num_steps": None, "nfe": 0, "seconds": 0.0,
              **metrics(exact, mix, ref, k_sw, base_nll)}]
-    for label, name, options, steps in CONFIGS:
+    for label, name, options in CONFIGS:
         run = jax.jit(lambda k, s, name=name, options=options: sample_with_info(
             schedule, model, k, (n, 2), sampler=name, num_steps=s, **options))
         for budget in BUDGETS:
-            s = steps(budget)
+            s, _ = steps_for_budget(name, budget, options)
             t0 = time.time()
             x, info = run(k_run, s)
             x = jax.block_until_ready(x)
@@ -124,7 +102,7 @@ def main():
         ode_rows.append({"sampler": "ode (tsit5)", "rtol=atol": tol, "nfe": int(info["nfe"]),
                          "seconds": time.time() - t0, **metrics(x, mix, ref, k_sw, base_nll)})
 
-    fmt = lambda r: f"{r['mmd2_x1e4']:.2f} / {r['sw2']:.3f} / {r['nll_gap']:+.3f}"  # noqa: E731
+    fmt = lambda r: f"{r['mmd2_x1e4']:.2f} / {r['sw2']:.3f} / {r['nll_gap']:+.3f}"
     table = [["exact samples"] + [fmt(rows[0])] * len(BUDGETS)]
     for label, *_ in CONFIGS:
         cells = [label]

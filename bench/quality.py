@@ -1,6 +1,11 @@
 """Quality per network call: every jaxdiff sampler against diffusers' schedulers, all driven by
 the same exact "network", the Gaussian-mixture oracle (``jaxdiff.oracle.default_mixture``).
 
+The question: at a budget of N network calls, is the best jaxdiff sampler at least as close to
+the exact distribution as the best diffusers scheduler (the goal at 10 NFE)? Without torch only
+the jaxdiff rows run. ``bench/oracle_table.py`` asks how close each jaxdiff sampler gets, with a
+third distance (MMD against the exact mixture); both use ``bench/oracle_metrics.py``.
+
 The oracle gives the exact eps of the noised mixture at any (integer or fractional) timestep, so
 the only error left is the sampler's. Both stacks use the linear betas 1e-4..0.02, T = 1000,
 timesteps on the [0, T-1] scale, epsilon prediction and the same starting noise ``z`` (diffusers
@@ -39,6 +44,7 @@ import inspect
 import numpy as np
 
 import bench_utils as bu
+from oracle_metrics import sliced_w2, steps_for_budget
 
 # (row label, jaxdiff sampler, options) -- rows whose sampler is missing are skipped.
 JAX_ROWS = [
@@ -80,13 +86,6 @@ ODE_RTOLS = (1e-1, 3e-2, 1e-2, 1e-3)
 
 
 # --------------------------------------------------------------------------- metrics
-def sliced_w2(a: np.ndarray, b: np.ndarray, dirs: np.ndarray) -> float:
-    """Sliced 2-Wasserstein between equal-size point sets ``[n, D]`` over unit ``dirs [L, D]``."""
-    pa = np.sort(a @ dirs.T, axis=0)
-    pb = np.sort(b @ dirs.T, axis=0)
-    return float(np.sqrt(np.mean((pa - pb) ** 2)))
-
-
 class Metrics:
     def __init__(self, mixture, n: int, dim: int, seed: int = 1):
         import jax
@@ -95,8 +94,7 @@ class Metrics:
         self.log_prob = jax.jit(mixture.log_prob)
         self.ref = np.asarray(mixture.sample(jax.random.key(seed), n), np.float64)
         rng = np.random.default_rng(seed)
-        d = rng.standard_normal((128, dim))
-        self.dirs = d / np.linalg.norm(d, axis=1, keepdims=True)
+        self.dirs = rng.standard_normal((128, dim))  # sliced_w2 normalises them
         self.ref_nll = -float(np.mean(np.asarray(self.log_prob(self.ref.astype(np.float32)))))
         # The noise floor: fresh exact sets of the same size against the reference (median of 3).
         floors = [self(np.asarray(mixture.sample(jax.random.key(seed + 1 + i), n))) for i in range(3)]
@@ -125,16 +123,6 @@ def jax_runner(schedule, eps_fn, z, sampler: str, options: dict):
     return lambda n: np.asarray(run(jax.random.key(7), n))
 
 
-def jax_steps_for(sampler: str, budget: int, options: dict) -> tuple[int, int] | None:
-    from jaxdiff import samplers
-
-    for n in range(budget, 0, -1):
-        calls = int(samplers.nfe(sampler, n, **options))
-        if calls <= budget:
-            return n, calls
-    return None
-
-
 def jax_ode(schedule, eps_fn, z, rtol: float):
     import jax
 
@@ -159,7 +147,7 @@ def torch_runner(cls_name: str, kwargs: dict, eps_fn, z: np.ndarray):
     takes_gen = "generator" in inspect.signature(cls.step).parameters
     n_pts, dim = z.shape
 
-    def oracle(x_t: "torch.Tensor", t) -> "torch.Tensor":
+    def oracle(x_t, t):
         t = float(t) if torch.is_floating_point(torch.as_tensor(t)) else int(t)
         tb = np.full((n_pts,), t, np.float32 if isinstance(t, float) else np.int32)
         eps = jitted(x_t.reshape(n_pts, dim).numpy(), tb)
@@ -225,7 +213,7 @@ def main():
         run = jax_runner(schedule, eps_fn, z, sampler, options)
         results["jaxdiff"][label] = {}
         for b in budgets:
-            found = jax_steps_for(sampler, b, options)
+            found = steps_for_budget(sampler, b, options)
             if found is None:
                 continue
             steps, calls = found

@@ -10,6 +10,7 @@ the same batch and the same number of network calls. Timings alternate A B A B; 
 Commands (from the repository root)::
 
     python bench/sampling.py                 # cifar_small (batch 16) + digits (batch 64), 50 DDIM steps
+    python bench/sampling.py --configs cifar_small,digits_x10   # the networks of BENCHMARKS.md
     python bench/sampling.py --quick         # smoke run (5 steps, small batches)
     # accelerators: the DDPM CIFAR-10 model, 1000 ancestral steps for 256 images, both dtypes
     python bench/sampling.py --configs ddpm_cifar10 --sampler ddpm --num-steps 1000 --batch 256 \\
@@ -23,14 +24,13 @@ from __future__ import annotations
 import functools
 import time
 
-import numpy as np
-
 import bench_utils as bu
+import networks as nets
 
-DEFAULT_BATCH = {"cifar_small": 16, "digits": 64, "ddpm_cifar10": 256}
+DEFAULT_BATCH = {"cifar_small": 16, "digits": 64, "digits_x10": 64, "ddpm_cifar10": 256}  # others: the network's
 
 
-def jax_sampler(cfg: bu.NetConfig, batch: int, sampler: str, dtype: str = "float32"):
+def jax_sampler(net: nets.BenchNet, batch: int, sampler: str, dtype: str = "float32"):
     """``(run(num_steps), info)``: one jitted call samples the whole batch."""
     import jax
     import jax.numpy as jnp
@@ -38,20 +38,20 @@ def jax_sampler(cfg: bu.NetConfig, batch: int, sampler: str, dtype: str = "float
     import jaxdiff
     from jaxdiff import samplers
 
-    model = bu.jax_unet(cfg, dtype=dtype)
-    x = jnp.zeros((1, *cfg.image_shape))
+    model = nets.build(net, dtype=dtype)
+    x = jnp.zeros((1, *net.image_shape))
     t = jnp.zeros((1,), jnp.int32)
-    y = None if cfg.num_classes is None else jnp.zeros((1,), jnp.int32)
+    y = None if net.num_classes is None else jnp.zeros((1,), jnp.int32)
     params = model.init(jax.random.key(0), x, t, y)["params"]
     schedule = jaxdiff.linear_schedule(1000)
-    labels = None if cfg.num_classes is None else jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
+    labels = None if net.num_classes is None else jnp.arange(batch, dtype=jnp.int32) % net.num_classes
 
     @jax.jit
     def generate(params, key, num_steps):
         def model_fn(x_t, t_):
             return model.apply({"params": params}, x_t, t_, labels, train=False)
 
-        return samplers.sample(schedule, model_fn, key, (batch, *cfg.image_shape), sampler=sampler,
+        return samplers.sample(schedule, model_fn, key, (batch, *net.image_shape), sampler=sampler,
                                num_steps=num_steps)
 
     key = jax.random.key(0)
@@ -65,16 +65,16 @@ def jax_sampler(cfg: bu.NetConfig, batch: int, sampler: str, dtype: str = "float
     return run, {"time_to_first_sample_s": first_s}
 
 
-def torch_sampler(cfg: bu.NetConfig, batch: int, sampler: str):
+def torch_sampler(net: nets.BenchNet, batch: int, sampler: str):
     torch = bu.quiet_torch()
     from diffusers import DDIMScheduler, DDPMScheduler
 
     torch.manual_seed(0)
-    model = bu.torch_unet(cfg).eval()
+    model = nets.torch_unet(nets.build(net), net.image_shape).eval()
     kw = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False)
     scheduler = DDIMScheduler(**kw) if sampler == "ddim" else DDPMScheduler(**kw)
-    h, w, c = cfg.image_shape
-    labels = None if cfg.num_classes is None else torch.arange(batch) % cfg.num_classes
+    h, w, c = net.image_shape
+    labels = None if net.num_classes is None else torch.arange(batch) % net.num_classes
     gen = torch.Generator().manual_seed(0)
 
     def run(num_steps):
@@ -91,7 +91,8 @@ def torch_sampler(cfg: bu.NetConfig, batch: int, sampler: str):
 
 def main():
     p = bu.parser(__doc__)
-    p.add_argument("--configs", default="cifar_small,digits")
+    p.add_argument("--configs", default="cifar_small,digits",
+                   help=f"comma list of networks in bench/networks.py: {sorted(nets.NETWORKS)}")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--num-steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
@@ -107,16 +108,16 @@ def main():
     results = {"rounds": rounds, "num_steps": steps, "sampler": args.sampler, "configs": {}}
     rows = []
     for name in args.configs.split(","):
-        cfg = bu.CONFIGS[name]
-        batch = args.batch or (4 if args.quick else DEFAULT_BATCH[name])
+        net = nets.get(name)
+        batch = args.batch or (4 if args.quick else DEFAULT_BATCH.get(name, net.batch))
         cases, infos = {}, {}
         for dtype in args.dtypes.split(","):
             label = f"jaxdiff {args.sampler} {dtype}"
             bu.eprint(f"[{name}] compiling {label} ...")
-            run, infos[label] = jax_sampler(cfg, batch, args.sampler, dtype)
+            run, infos[label] = jax_sampler(net, batch, args.sampler, dtype)
             cases[label] = functools.partial(run, steps)
         if with_torch:
-            run, info = torch_sampler(cfg, batch, args.sampler)
+            run, info = torch_sampler(net, batch, args.sampler)
             for n in threads:
                 label = f"diffusers {'DDIMScheduler' if args.sampler == 'ddim' else 'DDPMScheduler'} {n}T"
                 cases[label], infos[label] = bu.with_threads(functools.partial(run, steps), n), info
@@ -133,7 +134,8 @@ def main():
         results["configs"][name] = {"batch": batch, "timing": timing}
 
     print(f"\n### Sampling: {steps} {args.sampler} steps (median of alternating rounds)\n")
-    print(bu.table(["config", "batch", "steps", "stack", "s / batch", "ms / step", "images/s", "x best diffusers"], rows))
+    print(bu.table(["config", "batch", "steps", "stack", "s / batch", "ms / step", "images/s", "x best diffusers"],
+                   rows))
     bu.write_json("sampling", results, args.out)
 
 

@@ -1,16 +1,12 @@
 """Speed options of the train step and the sampling loop, each measured against the library as is.
 
-Train step (the ``digits`` network, batch 128, unless ``--config``), alternating A B A B:
+Train step (a network of ``bench/networks.py``, default ``digits`` at its batch, 64), alternating
+A B A B; every case runs the library's ``jaxdiff.training.step.train_step`` unchanged:
 
-* ``library``: ``jaxdiff.training.step.train_step`` under ``jax.jit`` with the state donated
-  (what ``training/parallel.py`` compiles);
+* ``library``: ``train_step`` under ``jax.jit`` with the state donated (what
+  ``training/parallel.py`` compiles);
 * ``no donation``: the same without ``donate_argnums``;
-* ``bf16 compute`` / ``remat``: the UNet's ``dtype=bfloat16`` / ``remat=True`` options;
-* ``batched apply``: a bench-local copy of ``train_step`` that calls the network once on the
-  whole batch (one dropout key per step) instead of ``vmap`` over per-example calls;
-* ``no finite guard``: the copy without the ``where(finite, new, old)`` over the whole state;
-* ``EMA in a 2nd jit``: the copy without the EMA, followed by a separate jitted (donated) EMA
-  update -- what an unfused EMA costs.
+* ``bf16 compute`` / ``remat``: the UNet's ``dtype=bfloat16`` / ``remat=True`` options.
 
 XLA:CPU flags (one worker process per setting, timed alternately): the default, YNNPACK
 convolutions (``--xla_cpu_experimental_ynn_fusion_type=individual_convolution``) and oneDNN
@@ -25,8 +21,9 @@ step and multiplied it by ``sigma = 0``; the two rows now agree, which checks th
 
 Commands (from the repository root)::
 
-    python bench/speed_options.py             # digits network, batch 128
-    python bench/speed_options.py --quick     # batch 16, fewer variants, no flag workers
+    python bench/speed_options.py             # digits network, batch 64
+    python bench/speed_options.py --config digits_x10   # the network of BENCHMARKS.md, batch 128
+    python bench/speed_options.py --quick     # batch 16, library and no donation, no flag workers
     python bench/speed_options.py --config cifar_small --no-flags
 
 Writes ``bench/results/speed_options.json``.
@@ -38,6 +35,8 @@ import functools
 import sys
 
 import bench_utils as bu
+import networks as nets
+from networks import STEPS_PER_SAMPLE
 
 FLAG_SETTINGS = {
     "default": "",
@@ -47,113 +46,19 @@ FLAG_SETTINGS = {
 }
 
 
-def variant_train_step(state, batch, root_key, *, apply_fn, tx, schedule, ema_decay=0.9999, num_classes=None,
-                       label_dropout=0.0, per_example=True, finite_guard=True, ema=True):
-    """``jaxdiff.training.step.train_step`` (epsilon, uniform weighting) with switches to measure
-    what its parts cost. Not a library function: a bench experiment."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from jaxdiff import losses
-    from jaxdiff.training.state import TrainState
-    from jaxdiff.training.step import example_keys
-
-    keys = example_keys(root_key, state.step, batch["index"])
-    sub = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
-    x0 = batch["image"]
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(sub[:, 0])
-    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(sub[:, 1])
-    y = None
-    if num_classes is not None:
-        drop = jax.vmap(lambda k: jax.random.bernoulli(k, label_dropout))(sub[:, 3])
-        y = jnp.where(drop, num_classes, batch["label"])
-
-    def loss_fn(params):
-        if per_example:
-            def one(x, tt, yy, k):
-                yy = None if yy is None else yy[None]
-                return apply_fn({"params": params}, x[None], tt[None], yy, train=True, rngs={"dropout": k})[0]
-
-            def model_fn(x_t, tt):
-                return jax.vmap(one, in_axes=(0, 0, None if y is None else 0, 0))(x_t, tt, y, sub[:, 2])
-        else:
-            def model_fn(x_t, tt):
-                k = jax.random.fold_in(jax.random.fold_in(root_key, state.step), 2**31 - 1)
-                return apply_fn({"params": params}, x_t, tt, y, train=True, rngs={"dropout": k})
-
-        return losses.diffusion_loss(schedule, model_fn, x0, root_key, t=t, noise=noise)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema:
-        ema_params = jax.tree_util.tree_map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
-    if finite_guard:
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
-    return new, dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
-
-
-def step_cases(cfg: bu.NetConfig, batch: int, quick: bool):
-    import jax
-
-    import jaxdiff
-    import train_throughput as tt
-    from jaxdiff.training.state import create_train_state, make_optimizer
-    from jaxdiff.training.step import train_step
-
+def step_cases(net: nets.BenchNet, batch: int, quick: bool):
+    """The library's train step as is, and with the options it offers (no donation; bf16, remat)."""
     cases, infos = {}, {}
 
     def add(label, run, info):
         bu.eprint(f"  compiled {label}: {info.get('compile_s', float('nan')):.1f} s")
-        cases[label], infos[label] = functools.partial(run, tt.STEPS_PER_SAMPLE), info
+        cases[label], infos[label] = functools.partial(run, STEPS_PER_SAMPLE), info
 
-    add("library", *tt.jax_train_step(cfg, batch))
-    variants = [("batched apply", dict(per_example=False)), ("no finite guard", dict(finite_guard=False))]
+    add("library", *nets.jax_train_step(net, batch))
+    add("no donation", *nets.jax_train_step(net, batch, donate=False))
     if not quick:
-        add("bf16 compute", *tt.jax_train_step(cfg, batch, dtype="bfloat16"))
-        add("remat", *tt.jax_train_step(cfg, batch, remat=True))
-    for label, kw in variants:
-        add(label, *tt.jax_train_step(cfg, batch, step_fn=functools.partial(variant_train_step, **kw)))
-
-    # No donation, and an EMA in a second jit: built by hand.
-    model = bu.jax_unet(cfg)
-    tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
-    data = tt.make_jax_batch(cfg, batch)
-    key = jax.random.key(1)
-    common = dict(apply_fn=model.apply, tx=tx, schedule=jaxdiff.linear_schedule(1000), ema_decay=0.9999,
-                  num_classes=cfg.num_classes, label_dropout=0.1)
-    state0 = create_train_state(jax.random.key(0), model, tx, cfg.image_shape, num_classes=cfg.num_classes)
-
-    plain = jax.jit(functools.partial(train_step, **common))
-    holder = {"nodonate": state0}
-
-    def run_nodonate(k):
-        for _ in range(k):
-            holder["nodonate"], m = plain(holder["nodonate"], data, key)
-        jax.block_until_ready(m)
-
-    run_nodonate(1)
-    cases["no donation"] = functools.partial(run_nodonate, tt.STEPS_PER_SAMPLE)
-
-    if not quick:
-        no_ema = jax.jit(functools.partial(variant_train_step, ema=False, **common), donate_argnums=(0,))
-        ema_fn = jax.jit(lambda e, p: jax.tree_util.tree_map(lambda a, b: a + 1e-4 * (b - a), e, p),
-                         donate_argnums=(0,))
-        holder["ema"] = create_train_state(jax.random.key(0), model, tx, cfg.image_shape, num_classes=cfg.num_classes)
-
-        def run_sep_ema(k):
-            for _ in range(k):
-                s, m = no_ema(holder["ema"], data, key)
-                holder["ema"] = s.replace(ema_params=ema_fn(s.ema_params, s.params))
-            jax.block_until_ready((m, holder["ema"].ema_params))
-
-        run_sep_ema(1)
-        cases["EMA in a 2nd jit"] = functools.partial(run_sep_ema, tt.STEPS_PER_SAMPLE)
+        add("bf16 compute", *nets.jax_train_step(net, batch, dtype="bfloat16"))
+        add("remat", *nets.jax_train_step(net, batch, remat=True))
     return cases, infos
 
 
@@ -168,7 +73,7 @@ def ddim_cases():
 
     schedule = jaxdiff.linear_schedule(1000)
     shape = (16, 32, 32, 3)
-    net = lambda x, t: 0.1 * x  # noqa: E731
+    net = lambda x, t: 0.1 * x
 
     @jax.jit
     def library(key, n, eta):
@@ -197,11 +102,9 @@ def ddim_cases():
             "ddim eta=1, noise behind lax.cond": lambda: skip_noise(key, 50, 1.0).block_until_ready()}, same
 
 
-def worker(config: str, batch: int) -> None:
-    import train_throughput as tt
-
-    run, _ = tt.jax_train_step(bu.CONFIGS[config], batch)
-    bu.worker_loop({"train step": functools.partial(run, tt.STEPS_PER_SAMPLE)})
+def worker(name: str, batch: int) -> None:
+    run, _ = nets.jax_train_step(nets.get(name), batch)
+    bu.worker_loop({"train step": functools.partial(run, STEPS_PER_SAMPLE)})
 
 
 def main():
@@ -209,24 +112,22 @@ def main():
         worker(sys.argv[2], int(sys.argv[3]))
         return
     p = bu.parser(__doc__)
-    p.add_argument("--config", default="digits")
+    p.add_argument("--config", default="digits", help=f"a network of bench/networks.py: {sorted(nets.NETWORKS)}")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--no-flags", action="store_true", help="skip the XLA flag comparison")
     args = p.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
-    cfg = bu.CONFIGS[args.config]
-    batch = args.batch or (min(cfg.batch, 16) if args.quick else cfg.batch)
+    net = nets.get(args.config)
+    batch = args.batch or (min(net.batch, 16) if args.quick else net.batch)
     results = {"config": args.config, "batch": batch, "rounds": rounds}
 
     bu.eprint(f"train-step variants ({args.config}, batch {batch}) ...")
-    cases, infos = step_cases(cfg, batch, args.quick)
+    cases, infos = step_cases(net, batch, args.quick)
     timing = bu.alternate(cases, rounds=rounds)
-    import train_throughput as tt
-
     base = timing["library"]["median_s"]
     rows = []
     for label, t in timing.items():
-        t["step_s"] = t["median_s"] / tt.STEPS_PER_SAMPLE
+        t["step_s"] = t["median_s"] / STEPS_PER_SAMPLE
         t["images_per_s"] = batch / t["step_s"]
         t["speedup_vs_library"] = base / t["median_s"]
         t.update({k: v for k, v in infos.get(label, {}).items() if k in ("compile_s", "flops_per_step")})
@@ -247,7 +148,7 @@ def main():
         fbase = ft["default/train step"]["median_s"]
         for name, flags in FLAG_SETTINGS.items():
             t = ft[f"{name}/train step"]
-            t.update(flags=flags, step_s=t["median_s"] / tt.STEPS_PER_SAMPLE, speedup_vs_default=fbase / t["median_s"])
+            t.update(flags=flags, step_s=t["median_s"] / STEPS_PER_SAMPLE, speedup_vs_default=fbase / t["median_s"])
             flag_rows.append([name, flags or "(none)", t["step_s"] * 1e3, batch / t["step_s"], t["speedup_vs_default"]])
         results["xla_flags"] = ft
 

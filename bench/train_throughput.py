@@ -3,7 +3,7 @@ diffusers (``UNet2DModel``) trained with PyTorch, and how much of the gap is the
 
 Both sides do the same work per step: draw ``t ~ U{0..999}`` and Gaussian noise, form ``x_t``
 (linear betas 1e-4..0.02), predict eps with the UNet, MSE loss, backward, global-norm clipping
-(1.0), Adam (lr 2e-4) and an EMA update of the parameters; for the conditional digits network,
+(1.0), Adam (lr 2e-4) and an EMA update of the parameters; for the conditional digits networks,
 classifier-free label dropout (0.1). jaxdiff runs ``jaxdiff.training.step.train_step`` under
 ``jax.jit`` with the state donated (as ``training/parallel.py`` does); it additionally checks
 that the loss and gradient norm are finite. The timings alternate jaxdiff, torch, jaxdiff,
@@ -16,6 +16,7 @@ conv backend explains (XLA's conv emitter vs oneDNN) and the rest (ours: everyth
 Commands (from the repository root)::
 
     python bench/train_throughput.py                      # cifar_small + digits, float32, CPU default
+    python bench/train_throughput.py --configs cifar_small,digits_x10   # the networks of BENCHMARKS.md
     python bench/train_throughput.py --quick              # smoke run
     # accelerators (no torch; the DDPM CIFAR-10 model, batch 128, both dtypes):
     python bench/train_throughput.py --configs ddpm_cifar10 --dtypes float32,bfloat16 --no-torch
@@ -26,72 +27,16 @@ Writes ``bench/results/train_throughput.json``.
 from __future__ import annotations
 
 import functools
-import math
-import time
 
 import numpy as np
 
 import bench_utils as bu
-
-STEPS_PER_SAMPLE = 2  # train steps per timed sample (one host sync per sample)
-
-
-# --------------------------------------------------------------------------- jaxdiff
-def make_jax_batch(cfg: bu.NetConfig, batch: int, seed: int = 0) -> dict:
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(seed)
-    out = {"image": jnp.asarray(rng.uniform(-1, 1, (batch, *cfg.image_shape)).astype(np.float32)),
-           "index": jnp.arange(batch, dtype=jnp.int32)}
-    if cfg.num_classes is not None:
-        out["label"] = jnp.asarray(rng.integers(0, cfg.num_classes, batch).astype(np.int32))
-    return out
-
-
-def jax_train_step(cfg: bu.NetConfig, batch: int, *, dtype: str = "float32", remat: bool = False,
-                   step_fn=None):
-    """Returns ``(run, info)``: ``run(k)`` does ``k`` donated train steps and blocks; ``info`` has
-    the parameter count, the XLA FLOPs of one step, the compile time and the time
-    ``create_train_state`` took (it initialises the network eagerly)."""
-    import jax
-
-    import jaxdiff
-    from jaxdiff.models import count_params
-    from jaxdiff.training.state import create_train_state, make_optimizer
-    from jaxdiff.training.step import train_step
-
-    step_fn = step_fn or train_step
-    model = bu.jax_unet(cfg, dtype=dtype, remat=remat)
-    tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(
-        create_train_state(jax.random.key(0), model, tx, cfg.image_shape, num_classes=cfg.num_classes))
-    init_s = time.perf_counter() - t0
-    fn = jax.jit(functools.partial(step_fn, apply_fn=model.apply, tx=tx, schedule=jaxdiff.linear_schedule(1000),
-                                   ema_decay=0.9999, num_classes=cfg.num_classes, label_dropout=0.1),
-                 donate_argnums=(0,))
-    data = make_jax_batch(cfg, batch)
-    key = jax.random.key(1)
-    t0 = time.perf_counter()
-    compiled = fn.lower(state, data, key).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    holder = [state]
-
-    def run(k: int = STEPS_PER_SAMPLE):
-        metrics = None
-        for _ in range(k):
-            holder[0], metrics = compiled(holder[0], data, key)
-        jax.block_until_ready(metrics)
-
-    info = {"params": count_params(state.params), "flops_per_step": float(cost.get("flops", float("nan"))),
-            "compile_s": compile_s, "init_s": init_s}
-    return run, info
+import networks as nets
+from networks import STEPS_PER_SAMPLE, jax_train_step
 
 
 # --------------------------------------------------------------------------- PyTorch / diffusers
-def torch_train_step(cfg: bu.NetConfig, batch: int):
+def torch_train_step(net: nets.BenchNet, batch: int):
     """Returns ``(run, info)`` for the diffusers UNet2DModel trained the same way in eager PyTorch."""
     torch = bu.quiet_torch()
     import torch.nn.functional as F
@@ -99,17 +44,17 @@ def torch_train_step(cfg: bu.NetConfig, batch: int):
     import jaxdiff
 
     torch.manual_seed(0)
-    model = bu.torch_unet(cfg).train()
+    model = nets.torch_unet(nets.build(net), net.image_shape).train()
     params = [p for p in model.parameters()]
     opt = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
     ema = [p.detach().clone() for p in params]
     abar = torch.tensor(np.asarray(jaxdiff.linear_schedule(1000).alphas_cumprod), dtype=torch.float32)
     rng = np.random.default_rng(0)
-    h, w, c = cfg.image_shape
+    h, w, c = net.image_shape
     x0 = torch.from_numpy(rng.uniform(-1, 1, (batch, c, h, w)).astype(np.float32))
     labels = None
-    if cfg.num_classes is not None:
-        labels = torch.from_numpy(rng.integers(0, cfg.num_classes, batch)).long()
+    if net.num_classes is not None:
+        labels = torch.from_numpy(rng.integers(0, net.num_classes, batch)).long()
 
     def step():
         t = torch.randint(0, 1000, (batch,))
@@ -118,7 +63,7 @@ def torch_train_step(cfg: bu.NetConfig, batch: int):
         s = (1.0 - abar[t]).sqrt().view(batch, 1, 1, 1)
         y = None
         if labels is not None:
-            y = torch.where(torch.rand(batch) < 0.1, cfg.num_classes, labels)
+            y = torch.where(torch.rand(batch) < 0.1, net.num_classes, labels)
         out = model(a * x0 + s * noise, t, class_labels=y).sample
         loss = F.mse_loss(out, noise)
         opt.zero_grad(set_to_none=True)
@@ -134,19 +79,19 @@ def torch_train_step(cfg: bu.NetConfig, batch: int):
             loss = step()
         loss.item()
 
-    return run, {"params": bu.torch_param_count(model)}
+    return run, {"params": nets.torch_param_count(model)}
 
 
 # --------------------------------------------------------------------------- conv attribution
-def conv_layers(cfg: bu.NetConfig, batch: int) -> list[dict]:
+def conv_layers(net: nets.BenchNet, batch: int) -> list[dict]:
     """Every ``conv_general_dilated`` of the jaxdiff UNet's forward pass, grouped by shape, with counts."""
     import jax
     import jax.numpy as jnp
 
-    model = bu.jax_unet(cfg)
-    x = jnp.zeros((batch, *cfg.image_shape))
+    model = nets.build(net)
+    x = jnp.zeros((batch, *net.image_shape))
     t = jnp.zeros((batch,), jnp.int32)
-    y = None if cfg.num_classes is None else jnp.zeros((batch,), jnp.int32)
+    y = None if net.num_classes is None else jnp.zeros((batch,), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, y))["params"]
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, y))(params)
     found: dict[tuple, dict] = {}
@@ -224,7 +169,8 @@ def conv_cases(layers: list[dict], torch_threads: tuple[int, ...] = ()):
 # --------------------------------------------------------------------------- main
 def main():
     p = bu.parser(__doc__)
-    p.add_argument("--configs", default="cifar_small,digits", help=f"comma list of {sorted(bu.CONFIGS)}")
+    p.add_argument("--configs", default="cifar_small,digits",
+                   help=f"comma list of networks in bench/networks.py: {sorted(nets.NETWORKS)}")
     p.add_argument("--batch", type=int, default=None, help="override every config's batch size")
     p.add_argument("--dtypes", default="float32", help="jaxdiff compute dtypes, e.g. float32,bfloat16")
     p.add_argument("--no-torch", action="store_true", help="jaxdiff only (e.g. on an accelerator)")
@@ -239,16 +185,16 @@ def main():
     results = {"rounds": rounds, "steps_per_sample": STEPS_PER_SAMPLE, "configs": {}}
     rows, conv_rows = [], []
     for name in args.configs.split(","):
-        cfg = bu.CONFIGS[name]
-        batch = args.batch or (min(cfg.batch, 8) if args.quick else cfg.batch)
-        res = {"batch": batch, "image_shape": cfg.image_shape, "config": cfg}
+        net = nets.get(name)
+        batch = args.batch or (min(net.batch, 8) if args.quick else net.batch)
+        res = {"batch": batch, "image_shape": net.image_shape, "config": net}
         cases, infos = {}, {}
         for dtype in args.dtypes.split(","):
             label = f"jaxdiff {dtype}"
             bu.eprint(f"[{name}] compiling {label} ...")
-            cases[label], infos[label] = jax_train_step(cfg, batch, dtype=dtype)
+            cases[label], infos[label] = jax_train_step(net, batch, dtype=dtype)
         if with_torch:
-            run, info = torch_train_step(cfg, batch)
+            run, info = torch_train_step(net, batch)
             for n in threads:
                 cases[f"torch eager {n}T"], infos[f"torch eager {n}T"] = bu.with_threads(run, n), info
         bu.eprint(f"[{name}] timing {list(cases)} x {rounds} rounds (alternating)")
@@ -268,7 +214,7 @@ def main():
         res["timing"] = timing
 
         if with_torch and not args.no_conv and jax.default_backend() == "cpu":
-            layers = conv_layers(cfg, batch)
+            layers = conv_layers(net, batch)
             n_best = int(best_torch.split()[-1][:-1])  # the thread count of the fastest torch run
             ccases = conv_cases(layers, torch_threads=(n_best,))
             bu.eprint(f"[{name}] timing {len(layers)} conv shapes ({sum(v['count'] for v in layers)} layers)")
