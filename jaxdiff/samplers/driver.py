@@ -8,19 +8,19 @@ inside the loop from ``(i, n)``). ``jax.vmap`` over ``key`` draws independent ch
 
 NFE (network evaluations, i.e. calls of ``model_fn``) for ``n = num_steps``:
 
-==================  =====================  ============================================
-sampler             NFE                    default ``n``
-==================  =====================  ============================================
-``ddpm``            ``n``                  ``T``
-``ddim``            ``n``                  ``min(50, T)``
-``dpm_solver++``    ``n`` (+1 if           20 (``order=2``, "2M"; ``dpm++2m`` is an alias)
-                    ``denoise_final``)
-``euler``           ``n``                  50
-``heun``            ``2n - 1``             25 (the last step, onto sigma = 0, is Euler)
-``euler_ancestral`` ``n``                  50
-``pc``              ``n (M + 1)``          ``T`` (``M = num_corrector_steps``, default 1)
-``ode``             adaptive, reported     (no ``num_steps``; ``rtol``/``atol``)
-==================  =====================  ============================================
+===================  =====================  ============================================
+sampler              NFE                    default ``n``
+===================  =====================  ============================================
+``ddpm``             ``n``                  ``T``
+``ddim``             ``n``                  ``min(50, T)``
+``dpm_solver++``     ``n`` (+1 if           20 (``order=2``, "2M"; ``dpm++2m`` is an alias)
+                     ``denoise_final``)
+``euler``            ``n``                  50
+``heun``             ``2n - 1``             25 (the last step, onto sigma = 0, is Euler)
+``euler_ancestral``  ``n``                  50
+``pc``               ``n (M + 1)``          ``T`` (``M = num_corrector_steps``, default 1)
+``ode``              adaptive, reported     (no ``num_steps``; ``rtol``/``atol``)
+===================  =====================  ============================================
 
 :func:`sample_with_info` returns ``(x, {"nfe": ...})``; :func:`nfe` gives the count of the
 fixed-step samplers without running them.
@@ -97,6 +97,7 @@ class Sampler(NamedTuple):
     nfe: Callable | None
 
 
+#: Every sampler by name, with its loop, its options and its NFE rule.
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(ddpm_loop, _one_per_step),
     "ddim": Sampler(ddim_loop, _one_per_step),
