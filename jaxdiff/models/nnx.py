@@ -27,7 +27,7 @@ Example (train with NNX, then sample)::
     from flax import nnx
     import jaxdiff
     from jaxdiff.losses import diffusion_loss
-    from jaxdiff.models import nnx_unet
+    from jaxdiff.models import from_linen_params, nnx_unet, to_linen_params
     from jaxdiff.samplers import sample
 
     schedule = jaxdiff.linear_schedule(1000)
@@ -50,6 +50,9 @@ Example (train with NNX, then sample)::
         model, jax.random.key(1))                           # [16, 8, 8, 1]
 
     params = to_linen_params(model)                          # the Linen UNet's params tree
+    same = from_linen_params("tiny", params)                 # and back (e.g. a checkpoint's EMA params)
+
+``tests/test_nnx.py`` runs this loop (drawing the batch inside the step), and the same loop with a user's own NNX MLP.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class NNXUNet(nnx.Module):
       deterministic: ``True`` in eval mode (no dropout); set by ``.train()`` / ``.eval()``.
       bridge: the ``nnx.bridge.ToNNX`` wrapper holding the ``nnx.Param`` variables and the
         ``params`` / ``dropout`` RNG streams.
+
+    Build it with :func:`nnx_unet` or :func:`from_linen_params`.
     """
 
     def __init__(self, unet: UNet, *, rngs: nnx.Rngs, deterministic: bool = False):
