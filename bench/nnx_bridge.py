@@ -122,7 +122,7 @@ def main():
     timing = bu.alternate(all_cases, rounds=rounds, iters=iters)
     rows = []
     for label, tm in timing.items():
-        what, impl = label.split("/")
+        what, impl = label.split("/", 1)
         base = timing[f"{what}/linen"]["median_s"]
         tm["ms_per_call"] = 1e3 * tm["median_s"]
         tm["ratio_vs_linen"] = tm["median_s"] / base
