@@ -1,4 +1,4 @@
-"""Networks: the DDPM UNet, its building blocks and presets."""
+"""Networks: the DDPM UNet, its building blocks and presets, and the UNet for NNX users."""
 
 from jaxdiff.models.diffusers import from_diffusers, to_diffusers
 from jaxdiff.models.diffusers_pipeline import (
@@ -8,6 +8,7 @@ from jaxdiff.models.diffusers_pipeline import (
     to_diffusers_pipeline,
 )
 from jaxdiff.models.layers import timestep_embedding
+from jaxdiff.models.nnx import from_linen_params, nnx_unet, to_linen_params
 from jaxdiff.models.unet import (
     PRESETS,
     UNet,
@@ -31,10 +32,13 @@ __all__ = [
     "digits",
     "from_diffusers",
     "from_diffusers_pipeline",
+    "from_linen_params",
     "get_model",
+    "nnx_unet",
     "small",
     "timestep_embedding",
     "tiny",
     "to_diffusers",
     "to_diffusers_pipeline",
+    "to_linen_params",
 ]

@@ -208,6 +208,7 @@ digits = partial(UNet, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions
 # For tests: 0.18M parameters.
 tiny = partial(UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
 
+#: The presets by name (what :func:`get_model` builds).
 PRESETS = {"ddpm_cifar10": ddpm_cifar10, "small": small, "digits": digits, "tiny": tiny}
 
 

@@ -35,7 +35,7 @@ def ddim_step(schedule: Schedule, model_output, x_t, t, t_prev, key=None, *, noi
     Args:
       model_output: ``[B, ...]`` network output at ``(x_t, t)``. x_t: ``[B, ...]``.
       t, t_prev: ``[B]`` ints (or floats on the ``[0, T-1]`` scale) with ``t_prev < t``.
-      key / noise: randomness for ``eta > 0``; neither is needed when ``eta == 0``.
+      key, noise: randomness for ``eta > 0``; neither is needed when ``eta == 0``.
       eta: a float or a traced scalar (changing it does not recompile).
     Returns ``x_{t_prev}`` ``[B, ...]``.
     """

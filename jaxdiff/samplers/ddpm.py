@@ -36,7 +36,7 @@ def ddpm_step(schedule: Schedule, model_output, x_t, t, key=None, *, noise=None,
       model_output: the network's output at ``(x_t, t)``: ``[B, ...]`` (``[B, ..., 2C]`` for
         ``variance="learned_range"``).
       x_t: ``[B, ...]``. t: ``[B]`` int in ``{0..T-1}``.
-      key / noise: the step's randomness; give ``noise`` (like ``x_t``) to make the step
+      key, noise: the step's randomness; give ``noise`` (like ``x_t``) to make the step
         deterministic. No noise is added where ``t == 0``.
       variance: ``"fixed_small"`` (beta-tilde), ``"fixed_large"`` (beta) or ``"learned_range"``.
     Returns: ``x_{t-1}`` ``[B, ...]``.

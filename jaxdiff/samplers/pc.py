@@ -1,6 +1,6 @@
 """Predictor-corrector sampling (Song et al. 2021, "Score-based generative modeling through SDEs", Alg. 2-5).
 
-At each of ``n`` evenly spaced timesteps ``t_i`` (the DDPM/DDIM grid, :func:`spaced_timesteps`):
+At each of ``n`` evenly spaced timesteps ``t_i`` (the DDPM/DDIM grid, :func:`~jaxdiff.samplers.spaced_timesteps`):
 
 1. **corrector**: ``M`` steps of Langevin MCMC targeting ``p_{t_i}`` at fixed ``t_i``
    (``LangevinCorrector`` of the reference code):

@@ -88,6 +88,7 @@ class Sampler:
         return None if self.adaptive else self._params["num_steps"].default
 
 
+#: Every sampler by name: the one explicit registry (see the module docstring).
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(ddpm.ddpm_loop, ddpm.ddpm_nfe, "ancestral sampling (Ho et al. 2020), respaced when n < T",
                     steps_up_to_T=True, stochastic=True, learned_variance=True),

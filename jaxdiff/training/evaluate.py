@@ -20,6 +20,7 @@ def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int 
     * ``ode_bpd``: the exact NLL through the probability-flow ODE with a Hutchinson trace
       estimate and uniform dequantization, over the first ``ode_examples`` (adaptive solver;
       its NFE is reported).
+
     A class-conditional model is evaluated unconditionally (the null label).
     """
     if num_examples <= 0 or ode_examples < 0 or batch_size <= 0:
