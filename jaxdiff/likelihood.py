@@ -168,6 +168,7 @@ def variational_bound_bpd(schedule: Schedule, model_fn: Callable, data, key, *, 
     Returns ``{"bpd", "prior_bpd": floats, "terms_bpd": [T] mean per term, "num_examples": int}``.
     Each batch costs ``T`` network calls (:func:`jaxdiff.losses.variational_bound`).
     """
+    checks.check_key(key)
     if hasattr(data, "shape"):
         n = data.shape[0]
         bs = n if batch_size is None else int(batch_size)

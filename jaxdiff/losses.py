@@ -210,6 +210,8 @@ def variational_bound(schedule: Schedule, model_fn: ModelFn, x0: jax.Array, key:
     Returns ``{"total_bpd": [B], "prior_bpd": [B], "terms_bpd": [B, T]}``.
     """
     d.check_variance(variance)
+    checks.check_key(key)
+    x0 = checks.as_float_array(x0, "x0")
     b = x0.shape[0]
     dims = x0[0].size
 
