@@ -3,7 +3,14 @@
 Shapes: ``x0``, ``x_t``, ``noise`` are ``[B, ...]`` (images ``[B, H, W, C]``); ``t`` is ``[B]``.
 Integer ``t`` in ``{0..T-1}`` indexes the schedule; float ``t`` on the same ``[0, T-1]`` scale is
 accepted where noted and is evaluated by linear interpolation of the log-SNR (so samplers
-can visit fractional times); ``t = -1`` means "no noise" (``abar = 1``).
+can visit fractional times); ``t = -1`` means "no noise" (``abar = 1``) in the coefficient
+functions (:func:`alpha_sigma` and the conversions), which the samplers' final steps use.
+
+Out-of-range timesteps in the forward process (:func:`q_sample`, :func:`q_mean_variance`,
+:func:`q_posterior`, hence :func:`p_mean_variance`): a concrete ``t`` outside ``[0, T-1]``
+raises ``ValueError``; under ``jax.jit`` an integer ``t`` outside ``{0..T-1}`` gives NaN for
+its examples (a ``[B]``-sized select, no measurable cost: ``bench/input_checks.py``), never a
+clamped or noise-free result. Float ``t`` is clamped to ``[0, T-1]`` under ``jit``.
 
 For a variance-exploding schedule (``schedule.kind == "ve"``) ``x_t`` is in the VE coordinates
 ``x_0 + sigma_t eps``; every function here maps it to the equivalent VP coordinates
@@ -16,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import checks
 from jaxdiff.schedules import Schedule
 
 __all__ = [
@@ -23,6 +31,8 @@ __all__ = [
     "VARIANCES",
     "check_prediction",
     "check_variance",
+    "check_t",
+    "check_t_range",
     "alpha_sigma",
     "q_sample",
     "q_mean_variance",
@@ -71,6 +81,19 @@ def check_t(t, x, name: str = "x") -> jax.Array:
     if x.ndim < 1 or t.shape[0] != x.shape[0]:
         raise ValueError(f"t has shape {t.shape} but {name} has shape {x.shape}: t must be [B] = [{name}.shape[0]]")
     return t
+
+
+def check_t_range(schedule: Schedule, t, name: str = "t"):
+    """A concrete ``t`` must lie in ``[0, T-1]`` (``ValueError`` naming ``name`` otherwise); traced ``t`` passes."""
+    T = schedule.num_timesteps
+    return checks.check_int_range(t, name, 0, T - 1, f" (T={T} timesteps)")
+
+
+def _nan_outside(schedule: Schedule, t, c):
+    """``c`` ``[B]`` with NaN where an integer ``t`` lies outside ``{0..T-1}`` (the rule under ``jit``)."""
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        return c
+    return jnp.where((t < 0) | (t >= schedule.num_timesteps), jnp.nan, c)
 
 
 def check_same_shape(a, b, name_a: str, name_b: str) -> None:
@@ -144,12 +167,16 @@ def from_vp(schedule: Schedule, x_t: jax.Array, t) -> jax.Array:
 def q_sample(schedule: Schedule, x0: jax.Array, t, noise: jax.Array) -> jax.Array:
     """Samples ``q(x_t | x_0)``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (VP) or ``x0 + sigma_t noise`` (VE).
 
-    Args: ``x0`` ``[B, ...]``; ``t`` ``[B]`` int (or float); ``noise`` like ``x0``.
+    Args: ``x0`` ``[B, ...]`` (a nested list is converted); ``t`` ``[B]`` int in ``{0..T-1}``
+    (or float in ``[0, T-1]``; out of range: module docstring); ``noise`` like ``x0``.
     Returns ``x_t`` ``[B, ...]``.
     """
+    x0, noise = checks.as_float_array(x0, "x0"), checks.as_float_array(noise, "noise")
     check_same_shape(x0, noise, "x0", "noise")
     t = check_t(t, x0, "x0")
+    check_t_range(schedule, t)
     a, s = alpha_sigma(schedule, t)
+    a = _nan_outside(schedule, t, a)
     x_vp = _bcast(a, x0) * x0 + _bcast(s, x0) * noise
     return from_vp(schedule, x_vp, t)
 
@@ -157,7 +184,9 @@ def q_sample(schedule: Schedule, x0: jax.Array, t, noise: jax.Array) -> jax.Arra
 def q_mean_variance(schedule: Schedule, x0: jax.Array, t) -> tuple[jax.Array, jax.Array]:
     """Mean ``[B, ...]`` and variance ``[B, 1, ...]`` of ``q(x_t | x_0)`` in the schedule's coordinates."""
     t = check_t(t, x0, "x0")
+    check_t_range(schedule, t)
     a, s = alpha_sigma(schedule, t)
+    a = _nan_outside(schedule, t, a)
     scale = _vp_scale(schedule, t)
     return _bcast(a / scale, x0) * x0, _bcast((s / scale) ** 2, x0)
 
@@ -170,7 +199,8 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t) -> tuple[j
     """
     check_same_shape(x0, x_t, "x0", "x_t")
     t = check_t(t, x_t, "x_t")
-    c1 = _bcast(_gather(schedule.posterior_mean_coef1, t), x_t)
+    check_t_range(schedule, t)
+    c1 = _bcast(_nan_outside(schedule, t, _gather(schedule.posterior_mean_coef1, t)), x_t)
     c2 = _bcast(_gather(schedule.posterior_mean_coef2, t), x_t)
     var = _bcast(_gather(schedule.posterior_variance, t), x_t)
     logvar = _bcast(_gather(schedule.posterior_log_variance_clipped, t), x_t)
@@ -330,6 +360,7 @@ def p_mean_variance(schedule: Schedule, model_output, x_t, t, *, prediction: str
     """
     check_prediction(prediction)
     t = check_t(t, x_t, "x_t")
+    check_t_range(schedule, t)
     model_output, values = split_variance_output(model_output, x_t, variance)
     x0_hat, eps_hat = x0_eps_from_prediction(schedule, model_output, x_t, t, prediction)
     if clip_x0:

@@ -17,6 +17,8 @@ integers ``0..999``; give it ``t`` scaled to that range::
 NFE: :func:`sample` with ``method="euler"`` uses ``n``; ``method="heun"`` uses ``2n`` (the
 velocity is finite at ``t = 0``, so the last step is corrected too, unlike the Karras Heun
 whose last step lands on ``sigma = 0``). Both run as one ``lax`` loop; ``n`` may be traced.
+A concrete ``n < 1`` raises ``ValueError``; a traced one gives NaN samples and NFE 0, the rule of
+every fixed-step sampler (:func:`jaxdiff.samplers.common.steps_result`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from jaxdiff import checks
+from jaxdiff.samplers.common import check_num_steps, steps_result
 
 __all__ = ["METHODS", "interpolate", "velocity_target", "flow_matching_loss", "sample", "sample_with_info",
            "nfe", "with_time_scale"]
@@ -58,6 +63,8 @@ def flow_matching_loss(model_fn: Callable, x0: jax.Array, key: jax.Array, *, t: 
     ``t ~ U[0, 1)`` ``[B]`` and ``noise ~ N(0, I)`` are drawn from ``key`` unless given.
     Returns ``(loss, {"loss", "mse", "target_norm"})``.
     """
+    checks.check_key(key)
+    x0 = checks.as_float_array(x0, "x0")
     if t is not None and jnp.shape(t) != (x0.shape[0],):
         raise ValueError(f"t must have shape [B]={x0.shape[:1]}, got {jnp.shape(t)}")
     if noise is not None and noise.shape != x0.shape:
@@ -90,8 +97,9 @@ def sample_with_info(model_fn: Callable, key, shape, *, method: str = "euler", n
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(num_steps, int) and num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    num_steps = check_num_steps(num_steps)
+    if x1 is None:
+        checks.check_key(key)
     x = jax.random.normal(key, shape, jnp.float32) if x1 is None else jnp.asarray(x1, jnp.float32)
     if x.shape != tuple(shape):
         raise ValueError(f"x1 has shape {x.shape} but shape is {tuple(shape)}")
@@ -107,8 +115,8 @@ def sample_with_info(model_fn: Callable, key, shape, *, method: str = "euler", n
         v_next = model_fn(x_next, jnp.full((b,), t - dt))
         return x - 0.5 * dt * (v + v_next)
 
-    x = jax.lax.fori_loop(0, num_steps, body, x)
-    return x, {"nfe": jnp.asarray(nfe(method, num_steps), jnp.int32)}
+    x, count = steps_result(num_steps, jax.lax.fori_loop(0, num_steps, body, x), nfe(method, num_steps))
+    return x, {"nfe": jnp.asarray(count, jnp.int32)}
 
 
 def sample(model_fn: Callable, key, shape, *, method: str = "euler", num_steps=50, x1=None) -> jax.Array:

@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import checks
 from jaxdiff import diffusion as d
 from jaxdiff.schedules import Schedule
 
@@ -45,7 +46,9 @@ def classifier_free_guidance(model_fn: Callable, labels, null_label: int, guidan
 
     Args:
       model_fn: ``model_fn(x_t [B, ...], t [B], y [B] int) -> [B, ...]``.
-      labels: ``[B]`` int class labels (or a scalar, broadcast over the batch).
+      labels: ``[B]`` int class labels (or a scalar, broadcast over the batch); ``B`` must be the
+        batch of the ``x_t`` the wrapper is called with (``ValueError`` otherwise). Concrete labels
+        must be ``>= 0``: JAX indexing wraps a negative label (for the UNet, -1 is the null label).
       null_label: the label of the unconditional model (``num_classes`` for :class:`jaxdiff.models.UNet`).
       guidance_scale: ``w``, a float or a traced scalar.
       batched: evaluate the conditional and unconditional outputs in one call on a ``[2B, ...]``
@@ -54,9 +57,16 @@ def classifier_free_guidance(model_fn: Callable, labels, null_label: int, guidan
         rest from the conditional output (the variance channels of a learned-variance model).
         ``None``: all channels.
     """
+    labels = jnp.asarray(labels)
+    if labels.ndim > 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be a [B] int array or an int, got shape {labels.shape} and dtype {labels.dtype}")
+    checks.check_nonnegative(labels, "labels")
 
     def fn(x_t, t):
-        y = jnp.broadcast_to(jnp.asarray(labels, jnp.int32), (x_t.shape[0],))
+        if labels.ndim == 1 and labels.shape[0] != x_t.shape[0]:
+            raise ValueError(f"labels has shape {labels.shape} but x_t has shape {x_t.shape}: labels must be [B] = "
+                             f"[x_t.shape[0]] (or a scalar)")
+        y = jnp.broadcast_to(labels.astype(jnp.int32), (x_t.shape[0],))
         null = jnp.full_like(y, null_label)
         if batched:
             both = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([y, null]))
@@ -122,6 +132,7 @@ def inpaint(schedule: Schedule, model_fn: Callable, known, mask, key, *, predict
       key: the key of the replacement noise.
     """
     d.check_prediction(prediction)
+    checks.check_key(key)
     known = jnp.asarray(known, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
     if mask.ndim != known.ndim:

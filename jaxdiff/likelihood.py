@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import losses
+from jaxdiff import checks, losses
 from jaxdiff.samplers.ode import pf_ode_drift, solve_ode
 from jaxdiff.schedules import Schedule
 
@@ -85,11 +85,15 @@ def ode_nll(schedule: Schedule, model_fn: Callable, x, key=None, *, prediction: 
     Returns ``{"nll": [B], "prior_logp": [B], "delta": [B], "nfe": int32}``. Each vector-field
     evaluation costs one network call plus one forward-mode derivative (``D`` of them exact); NFE
     counts vector-field evaluations (``1 + 6 * solver steps``).
+
+    A concrete ``x`` must be finite (``ValueError``: a NaN would otherwise surface as the solver
+    running out of steps); a traced non-finite ``x`` gives a non-finite ``nll``.
     """
     if trace not in TRACES:
         raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+    checks.check_finite(x, "x")
     x = jnp.asarray(x, jnp.float32)
     T = schedule.num_timesteps
     b, dim = x.shape[0], x[0].size
@@ -97,6 +101,7 @@ def ode_nll(schedule: Schedule, model_fn: Callable, x, key=None, *, prediction: 
     if trace == "hutchinson":
         if key is None:
             raise ValueError("trace='hutchinson' needs a key for the probe")
+        checks.check_key(key)
         z = (jax.random.rademacher(key, x.shape, jnp.float32) if probe == "rademacher"
              else jax.random.normal(key, x.shape, jnp.float32))
     div = _divergence_fn(pf_ode_drift(schedule, model_fn, prediction), trace, z)
@@ -132,6 +137,8 @@ def ode_bpd(schedule: Schedule, model_fn: Callable, x, key, *, num_dequant: int 
     """
     if not isinstance(num_dequant, int) or num_dequant < 1:
         raise ValueError(f"num_dequant must be a positive int, got {num_dequant!r}")
+    checks.check_finite(x, "x")
+    checks.check_key(key)
     x = jnp.asarray(x, jnp.float32)
     b, dim = x.shape[0], x[0].size
     k_u, k_z = jax.random.split(key)
@@ -161,6 +168,7 @@ def variational_bound_bpd(schedule: Schedule, model_fn: Callable, data, key, *, 
     Returns ``{"bpd", "prior_bpd": floats, "terms_bpd": [T] mean per term, "num_examples": int}``.
     Each batch costs ``T`` network calls (:func:`jaxdiff.losses.variational_bound`).
     """
+    checks.check_key(key)
     if hasattr(data, "shape"):
         n = data.shape[0]
         bs = n if batch_size is None else int(batch_size)

@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import checks
 from jaxdiff import diffusion as d
 from jaxdiff.schedules import Schedule
 
@@ -57,9 +58,12 @@ def loss_weight(schedule: Schedule, t, *, prediction: str, weighting: str, min_s
     * ``"elbo"``: the weight that makes the loss ``T * L_{t-1}`` of the bound in nats per
       dimension: ``T * c1_t^2 / (2 var_t)`` in x0 space, with ``c1`` the posterior mean's x0
       coefficient and ``var_t`` the clipped posterior variance (``fixed_small`` decoder).
+
+    ``min_snr_gamma`` must be positive (``ValueError`` when it is a concrete value).
     """
     _check_choice(weighting, WEIGHTINGS, "weighting")
     d.check_prediction(prediction)
+    checks.check_nonnegative(min_snr_gamma, "min_snr_gamma", strict=True)
     t = jnp.asarray(t)
     if weighting == "uniform":
         return jnp.ones(t.shape, jnp.float32)
@@ -111,12 +115,15 @@ def diffusion_loss(
     bits/dim, as in their code, so ``vlb_weight = 0.001`` is their lambda; computed with a stop-gradient on the mean, so it trains the variance only).
 
     Args:
-      x0: ``[B, ...]`` clean data. key: a PRNG key. t: optional ``[B]`` int timesteps.
-      noise: optional noise like ``x0``.
+      x0: ``[B, ...]`` clean data (a nested list is converted). key: a PRNG key.
+      t: optional ``[B]`` int timesteps in ``{0..T-1}``. noise: optional noise like ``x0``.
     Returns: scalar loss, and metrics ``{"loss", "mse"[, "vlb"]}`` (scalars).
     """
     _check_choice(weighting, WEIGHTINGS, "weighting")
     d.check_prediction(prediction)
+    checks.check_key(key)
+    x0 = checks.as_float_array(x0, "x0")
+    checks.check_nonnegative(min_snr_gamma, "min_snr_gamma", strict=True)
     k_t, k_n = jax.random.split(key)
     b = x0.shape[0]
     if t is None:
@@ -203,6 +210,8 @@ def variational_bound(schedule: Schedule, model_fn: ModelFn, x0: jax.Array, key:
     Returns ``{"total_bpd": [B], "prior_bpd": [B], "terms_bpd": [B, T]}``.
     """
     d.check_variance(variance)
+    checks.check_key(key)
+    x0 = checks.as_float_array(x0, "x0")
     b = x0.shape[0]
     dims = x0[0].size
 

@@ -127,9 +127,12 @@ def linear_schedule(num_timesteps: int, beta_start: float = 1e-4, beta_end: floa
     """Ho et al. (2020): betas linear from ``beta_start`` to ``beta_end``.
 
     ``beta_start`` and ``beta_end`` are given for ``T = 1000`` steps, as in the paper; they are
-    used as they are for any ``T``.
+    used as they are for any ``T``. ``beta_end < beta_start`` (a decreasing schedule) is a
+    ``ValueError``.
     """
     T = _check_num_timesteps(num_timesteps)
+    if beta_end < beta_start:
+        raise ValueError(f"beta_end must be >= beta_start, got beta_start={beta_start}, beta_end={beta_end}")
     return schedule_from_betas(np.linspace(beta_start, beta_end, T, dtype=np.float64))
 
 

@@ -2,7 +2,8 @@
 
     python scripts/eval.py --workdir workdir/digits --num_examples 64 --ode_examples 8
 
-Prints a JSON line and writes it to ``WORKDIR/eval.json``.
+Prints a JSON line and writes it to ``WORKDIR/eval.json``. That the file can be written is checked
+before evaluating; a previous ``eval.json`` is kept as ``eval.YYYYmmdd-HHMMSS.json`` (its time).
 """
 
 import json
@@ -25,17 +26,14 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-    from jaxdiff.training.evaluate import evaluate_workdir
+    from jaxdiff.training.evaluate import check_eval_output, evaluate_workdir, write_eval
 
-    out = os.path.join(FLAGS.workdir, "eval.json")
-    if os.path.isdir(FLAGS.workdir) and not os.access(FLAGS.workdir, os.W_OK):
-        raise PermissionError(f"--workdir {FLAGS.workdir} is not writable: {out} could not be saved")
+    check_eval_output(FLAGS.workdir)
     result = evaluate_workdir(FLAGS.workdir, num_examples=FLAGS.num_examples, ode_examples=FLAGS.ode_examples,
                               batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     print(json.dumps(result))
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    out, backup = write_eval(FLAGS.workdir, result)
+    print(f"wrote {out}" + (f" (the previous result is now {backup})" if backup else ""))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 Writes ``samples.npz`` (``images``: uint8 [N, H, W, C]; ``labels``: int32 [N] for a
 class-conditional model) and a PNG grid beside it (``samples.png``). The same seed gives the
 same output. ``--sampler``, ``--steps``, ``--eta`` and ``--guidance`` override the run's config.
+Every flag and the output path are checked before sampling; an existing output (.npz or .png)
+is refused unless ``--overwrite`` is given.
 """
 
 import os
@@ -29,6 +31,7 @@ flags.DEFINE_alias("steps", "num_steps")
 flags.DEFINE_float("eta", None, "The sampler's eta, for samplers that take one (default: the config's).")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w (1 = the conditional model).")
 flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output (and the .png beside it).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -37,7 +40,7 @@ def main(argv):
 
     path = sample_workdir(FLAGS.workdir, FLAGS.output, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                           sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
-                          guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size)
+                          guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite)
     print(f"wrote {path} and {os.path.splitext(path)[0]}.png")
 
 

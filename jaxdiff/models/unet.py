@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import checks
 from jaxdiff.models.layers import (
     AttnBlock,
     Downsample,
@@ -64,7 +65,9 @@ class UNet(nn.Module):
     ``C_out`` is ``out_channels`` (default: ``C``), doubled when ``learn_sigma``.
     ``attn_resolutions`` are the spatial sizes (``H``) at which attention follows a ResBlock.
     With ``num_classes`` set, label ``num_classes`` is the null label used for
-    classifier-free guidance and is used when ``y`` is ``None``.
+    classifier-free guidance and is used when ``y`` is ``None``. Labels must lie in
+    ``[0, num_classes]``: concrete ones are checked (``ValueError``); under ``jit`` a label above
+    ``num_classes`` gives a NaN output and a negative one wraps around (``-1`` is the null label).
     ``dtype`` is the computation dtype (parameters stay float32; the output is float32);
     ``remat`` recomputes each ResBlock's activations on the backward pass.
 
@@ -116,6 +119,8 @@ class UNet(nn.Module):
                 raise ValueError("UNet: labels y were given but the model has num_classes=None")
             if y.shape != (x.shape[0],):
                 raise ValueError(f"UNet: y must have shape [B]=({x.shape[0]},), got {y.shape}")
+            checks.check_int_range(y, "UNet: y", 0, self.num_classes,
+                                   f" (num_classes={self.num_classes} is the null label)")
 
     @nn.compact
     def __call__(

@@ -3,11 +3,19 @@
 Use :func:`sample` / :func:`sample_with_info` with ``sampler=`` one of the keys of
 :data:`SAMPLERS` (``"ddpm"``, ``"ddim"``, ``"dpm_solver++"``/``"dpm++2m"``, ``"euler"``,
 ``"heun"``, ``"euler_ancestral"``, ``"pc"``, ``"ode"``); :mod:`jaxdiff.samplers.registry`
-says what each accepts.
+says what each accepts. A step count below 1 raises when it is concrete; a traced one gives NaN
+samples and NFE 0 (:mod:`jaxdiff.samplers.common`).
 """
 
 from jaxdiff.samplers import registry
-from jaxdiff.samplers.common import prior_sample, run_loop, spaced_timesteps, t_from_log_snr, t_from_sigma
+from jaxdiff.samplers.common import (
+    prior_sample,
+    run_loop,
+    spaced_timesteps,
+    steps_result,
+    t_from_log_snr,
+    t_from_sigma,
+)
 from jaxdiff.samplers.ddim import ddim_loop, ddim_sigma, ddim_step
 from jaxdiff.samplers.ddpm import ddpm_loop, ddpm_step, ddpm_step_between, respaced_posterior
 from jaxdiff.samplers.dpm_solver import dpm_solver_pp
@@ -23,5 +31,5 @@ __all__ = [
     "ddim_step", "ddim_sigma", "ddim_loop",
     "dpm_solver_pp", "euler", "heun", "euler_ancestral", "karras_sigmas",
     "predictor_corrector", "langevin_step", "probability_flow", "pf_ode_drift",
-    "prior_sample", "run_loop", "spaced_timesteps", "t_from_log_snr", "t_from_sigma",
+    "prior_sample", "run_loop", "spaced_timesteps", "steps_result", "t_from_log_snr", "t_from_sigma",
 ]

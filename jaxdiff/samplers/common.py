@@ -11,6 +11,14 @@ asked about the noise level the sampler means.
 Internally these samplers keep the state in VP coordinates ``x = alpha x0 + sigma eps``
 (``alpha^2 = sigmoid(lambda)``, ``sigma^2 = sigmoid(-lambda)``) and call the model in the
 schedule's own coordinates (the VE ones for ``kind="ve"``), so one code path serves both kinds.
+
+**Step counts below 1.** A concrete ``num_steps`` (a Python or NumPy int, or a JAX array outside
+``jit``) below 1, or above ``T`` for the samplers on the integer grid, raises ``ValueError``
+(:func:`check_num_steps`). A *traced* ``num_steps`` cannot be checked, so every fixed-step
+sampler (and :func:`jaxdiff.flow.sample`) ends with :func:`steps_result`: when ``n < 1`` the
+samples are all NaN and the reported NFE is 0, so the mistake is visible instead of returning
+the prior noise as if it were a sample. A traced ``n`` above ``T`` on the integer grid is not
+caught (the grid then repeats timesteps).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxdiff import checks
 from jaxdiff import diffusion as d
 from jaxdiff.schedules import Schedule
 
@@ -34,6 +44,7 @@ __all__ = [
     "alpha_sigma_from_log_snr",
     "denoiser",
     "check_num_steps",
+    "steps_result",
     "one_per_step",
 ]
 
@@ -132,14 +143,29 @@ def denoiser(schedule: Schedule, model_fn: Callable, prediction: str = "epsilon"
 
 
 def check_num_steps(num_steps, name: str = "num_steps", upper: int | None = None):
-    """Static check of a Python-int step count (traced values pass through unchecked)."""
+    """A concrete step count must be an integer in ``[1, upper]``; a traced one passes (see :func:`steps_result`)."""
     if isinstance(num_steps, bool):
         raise ValueError(f"{name} must be an int, got {num_steps!r}")
-    if isinstance(num_steps, int):
-        if num_steps < 1 or (upper is not None and num_steps > upper):
+    v = checks.concrete_value(num_steps)
+    if v is not None:
+        if v.shape != () or not np.issubdtype(v.dtype, np.integer):
+            raise ValueError(f"{name} must be an int, got {num_steps!r}")
+        if v < 1 or (upper is not None and v > upper):
             bound = f"[1, {upper}]" if upper is not None else ">= 1"
-            raise ValueError(f"{name} must be {bound}, got {num_steps}")
+            raise ValueError(f"{name} must be {bound}, got {v.item()}")
     return num_steps
+
+
+def steps_result(num_steps, x, nfe):
+    """``(x, nfe)`` of a fixed-step sampler, or ``(NaN like x, 0)`` when a traced ``num_steps < 1``.
+
+    The one place that implements the module docstring's rule for traced step counts; a Python
+    int ``num_steps`` (checked by :func:`check_num_steps`) returns ``(x, nfe)`` unchanged.
+    """
+    if isinstance(num_steps, (int, np.integer)):
+        return x, nfe
+    ok = jnp.asarray(num_steps) >= 1
+    return jnp.where(ok, x, jnp.nan), jnp.where(ok, jnp.asarray(nfe, jnp.int32), 0)
 
 
 def one_per_step(num_steps):

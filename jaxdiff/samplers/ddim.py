@@ -7,8 +7,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import checks
 from jaxdiff import diffusion as d
-from jaxdiff.samplers.common import check_num_steps, one_per_step, run_loop, spaced_timesteps
+from jaxdiff.samplers.common import check_num_steps, one_per_step, run_loop, spaced_timesteps, steps_result
 from jaxdiff.samplers.ddpm import respaced_posterior, step_noise
 from jaxdiff.schedules import Schedule
 
@@ -36,9 +37,10 @@ def ddim_step(schedule: Schedule, model_output, x_t, t, t_prev, key=None, *, noi
       model_output: ``[B, ...]`` network output at ``(x_t, t)``. x_t: ``[B, ...]``.
       t, t_prev: ``[B]`` ints (or floats on the ``[0, T-1]`` scale) with ``t_prev < t``.
       key, noise: randomness for ``eta > 0``; neither is needed when ``eta == 0``.
-      eta: a float or a traced scalar (changing it does not recompile).
+      eta: a float >= 0 or a traced scalar (changing it does not recompile).
     Returns ``x_{t_prev}`` ``[B, ...]``.
     """
+    checks.check_nonnegative(eta, "eta")
     t = d.check_t(t, x_t, "x_t")
     t_prev = d.check_t(t_prev, x_t, "x_t")
     x0_hat, eps_hat = d.x0_eps_from_prediction(schedule, model_output, x_t, t, prediction)
@@ -71,6 +73,7 @@ def ddim_loop(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=50,
     """
     T = schedule.num_timesteps
     num_steps = check_num_steps(num_steps, upper=T)
+    checks.check_nonnegative(eta, "eta")
     b = x_T.shape[0]
 
     def body(i, x):
@@ -79,4 +82,4 @@ def ddim_loop(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=50,
         return ddim_step(schedule, model_fn(x, tb), x, tb, tpb, jax.random.fold_in(key, i), eta=eta,
                          prediction=prediction, clip_x0=clip_x0)
 
-    return run_loop(body, x_T, num_steps), ddim_nfe(num_steps)
+    return steps_result(num_steps, run_loop(body, x_T, num_steps), ddim_nfe(num_steps))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion as d
-from jaxdiff.samplers.common import check_num_steps, one_per_step, run_loop, spaced_timesteps
+from jaxdiff.samplers.common import check_num_steps, one_per_step, run_loop, spaced_timesteps, steps_result
 from jaxdiff.schedules import Schedule
 
 __all__ = ["ddpm_step", "respaced_posterior", "ddpm_step_between", "step_noise", "ddpm_loop", "ddpm_nfe"]
@@ -115,4 +115,4 @@ def ddpm_loop(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=Non
         return ddpm_step_between(schedule, model_fn(x, tb), x, tb, tpb, z, prediction=prediction,
                                  variance=variance, clip_x0=clip_x0)
 
-    return run_loop(body, x_T, num_steps), ddpm_nfe(num_steps)
+    return steps_result(num_steps, run_loop(body, x_T, num_steps), ddpm_nfe(num_steps))

@@ -36,6 +36,7 @@ from jaxdiff.samplers.common import (
     check_num_steps,
     denoiser,
     run_loop,
+    steps_result,
     t_from_log_snr,
 )
 from jaxdiff.schedules import Schedule
@@ -129,4 +130,4 @@ def dpm_solver_pp(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_
         x, _ = denoise(x, t0)
     else:
         x = x / bcast(d.alpha_sigma(schedule, t0)[0], x)
-    return x, dpm_solver_nfe(n, denoise_final)
+    return steps_result(n, x, dpm_solver_nfe(n, denoise_final))

@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import checks
 from jaxdiff import diffusion as d
 from jaxdiff.samplers import registry
 from jaxdiff.samplers.common import prior_sample
@@ -31,6 +32,7 @@ def sample_with_info(schedule: Schedule, model_fn: Callable, key, shape, *, samp
     """Like :func:`sample`, returning ``(samples, {"nfe": int32 scalar})``."""
     spec = registry.check(sampler, num_steps=num_steps, num_timesteps=schedule.num_timesteps, options=options)
     d.check_prediction(prediction)
+    checks.check_key(key)
     k_init, k_steps = jax.random.split(key)
     x = prior_sample(schedule, k_init, shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
     if x.shape != tuple(shape):
@@ -57,7 +59,9 @@ def sample(schedule: Schedule, model_fn: Callable, key, shape, *, sampler: str =
       shape: static ``(B, ...)``.
       sampler: a name in :data:`jaxdiff.samplers.SAMPLERS` (see :mod:`jaxdiff.samplers.registry`
         for each one's NFE, default steps and options).
-      num_steps: steps (may be traced; default: the sampler's); not for ``"ode"``.
+      num_steps: steps (may be traced; default: the sampler's); not for ``"ode"``. A concrete
+        value below 1 raises; a traced one below 1 gives NaN samples and NFE 0
+        (:mod:`jaxdiff.samplers.common`).
       prediction: what the network predicts: ``"epsilon"``, ``"x0"``, ``"v"`` or ``"score"``.
       clip_x0: clip every ``x0`` estimate to ``[-1, 1]`` (image data).
       x_T: optional start ``[B, ...]`` (schedule coordinates at ``t = T-1``) instead of a prior draw.

@@ -26,6 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import checks
 from jaxdiff import diffusion as d
 from jaxdiff.samplers.common import (
     bcast,
@@ -34,6 +35,7 @@ from jaxdiff.samplers.common import (
     karras_sigma,
     one_per_step,
     run_loop,
+    steps_result,
     t_from_sigma,
 )
 from jaxdiff.schedules import Schedule
@@ -88,7 +90,7 @@ def euler(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=50
         x0, eps = eps_fn(y, sigma)
         return jnp.where(sigma_next > 0, y + (sigma_next - sigma) * eps, x0)
 
-    return run_loop(body, y, num_steps), euler_nfe(num_steps)
+    return steps_result(num_steps, run_loop(body, y, num_steps), euler_nfe(num_steps))
 
 
 def heun(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=25, rho=7.0,
@@ -113,7 +115,7 @@ def heun(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=25,
         # The predicate does not depend on the data, so this stays a cond under vmap over keys.
         return jax.lax.cond(sigma_next > 0, correct, lambda _: x0, None)
 
-    return run_loop(body, y, num_steps), heun_nfe(num_steps)
+    return steps_result(num_steps, run_loop(body, y, num_steps), heun_nfe(num_steps))
 
 
 def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=50, eta=1.0, rho=7.0,
@@ -123,9 +125,10 @@ def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_ste
     Each step goes down to ``sigma_down`` deterministically and adds noise ``sigma_up``:
     ``sigma_up = min(sigma', eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2))``,
     ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``; ``eta = 1`` is the DDPM posterior in the VE view,
-    ``eta = 0`` is :func:`euler`. ``eta`` may be traced. Returns ``(x0, nfe = n)``; default ``n = 50``.
+    ``eta = 0`` is :func:`euler`. ``eta >= 0`` may be traced. Returns ``(x0, nfe = n)``; default ``n = 50``.
     """
     num_steps = check_num_steps(num_steps)
+    checks.check_nonnegative(eta, "eta")
     y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0)
 
     def body(i, y):
@@ -138,4 +141,4 @@ def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_ste
         y_new = y + (sigma_down - sigma) * eps + sigma_up * z
         return jnp.where(sigma_next > 0, y_new, x0)
 
-    return run_loop(body, y, num_steps), euler_nfe(num_steps)
+    return steps_result(num_steps, run_loop(body, y, num_steps), euler_nfe(num_steps))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion as d
-from jaxdiff.samplers.common import check_num_steps, run_loop, spaced_timesteps
+from jaxdiff.samplers.common import check_num_steps, run_loop, spaced_timesteps, steps_result
 from jaxdiff.samplers.ddpm import ddpm_step_between
 from jaxdiff.schedules import Schedule
 
@@ -88,4 +88,4 @@ def predictor_corrector(schedule: Schedule, model_fn: Callable, x_T, key, *, num
         return ddpm_step_between(schedule, model_fn(x, tb), x, tb, tpb, z, prediction=prediction,
                                  variance=variance, clip_x0=clip_x0)
 
-    return run_loop(body, x_T, num_steps), pc_nfe(num_steps, num_corrector_steps)
+    return steps_result(num_steps, run_loop(body, x_T, num_steps), pc_nfe(num_steps, num_corrector_steps))

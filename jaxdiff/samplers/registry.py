@@ -26,6 +26,10 @@ name                NFE for ``n`` steps    default ``n``    ``n`` <= T   objecti
 
 For ``flow_matching`` models, ``euler`` and ``heun`` integrate the learned velocity with
 :func:`jaxdiff.flow.sample` (NFE ``n`` and ``2n``); they take no options there.
+
+``n`` below 1: a concrete value raises ``ValueError`` (here and in every sampler); a traced one
+cannot be checked, and every fixed-step sampler then returns NaN samples and reports NFE 0
+(:func:`jaxdiff.samplers.common.steps_result`, the one place that implements it).
 """
 
 from __future__ import annotations

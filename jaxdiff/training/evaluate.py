@@ -1,6 +1,16 @@
-"""Likelihoods of a trained workdir: the variational bound and the PF-ODE NLL, in bits/dim."""
+"""Likelihoods of a trained workdir: the variational bound and the PF-ODE NLL, in bits/dim.
+
+``scripts/eval.py`` writes the result to ``WORKDIR/eval.json``. It checks that it can before
+evaluating (:func:`check_eval_output`), and a previous ``eval.json`` is never overwritten: it is
+renamed to ``eval.YYYYmmdd-HHMMSS.json`` (its modification time) by :func:`write_eval`.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +19,46 @@ import numpy as np
 from jaxdiff import data, likelihood
 from jaxdiff.training.workdir import load_workdir
 
-__all__ = ["evaluate_workdir"]
+__all__ = ["evaluate_workdir", "check_eval_output", "write_eval", "EVAL_FILE"]
+
+EVAL_FILE = "eval.json"
+
+
+def check_eval_output(workdir: str) -> str:
+    """Raises before any work if ``WORKDIR/eval.json`` could not be written; returns its path."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir {workdir} is not a directory")
+    out = os.path.join(workdir, EVAL_FILE)
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"{out} is a directory: the result could not be saved there")
+    try:
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        raise PermissionError(f"--workdir {workdir} is not writable: {out} could not be saved "
+                              f"({error.strerror or error})") from None
+    return out
+
+
+def write_eval(workdir: str, result: dict) -> tuple[str, str | None]:
+    """Writes ``result`` to ``WORKDIR/eval.json``; a previous one is kept as ``eval.<its mtime>.json``.
+
+    Returns ``(path, backup path or None)``. The new file is written beside it first and moved
+    into place, so an interrupted write leaves the previous result intact.
+    """
+    out = check_eval_output(workdir)
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix="eval.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    backup = None
+    if os.path.exists(out):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(out)))
+        backup, i = os.path.join(workdir, f"eval.{stamp}.json"), 1
+        while os.path.exists(backup):
+            backup, i = os.path.join(workdir, f"eval.{stamp}-{i}.json"), i + 1
+        os.replace(out, backup)
+    os.replace(tmp, out)
+    return out, backup
 
 
 def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int = 8, batch_size: int = 64,

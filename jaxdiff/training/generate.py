@@ -3,12 +3,19 @@
 What each sampler accepts comes from :mod:`jaxdiff.samplers.registry` and the guidance formula
 from :func:`jaxdiff.guidance.classifier_free_guidance`; this module only wires a Flax
 ``apply_fn`` to them.
+
+A model's conditionality is explicit: ``num_classes`` says whether the model is class-conditional,
+and when ``apply_fn`` is a bound ``UNet.apply`` its ``num_classes`` must agree (``ValueError``
+otherwise), so labels and guidance are never silently ignored. ``sample_workdir`` never loses
+work: every check, the output files' included, is done before the first image is generated,
+and an existing output is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from typing import Callable
 
 import jax
@@ -16,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import flow, guidance, samplers
+from jaxdiff import checks, flow, guidance, samplers
 from jaxdiff.samplers import registry
 from jaxdiff.schedules import Schedule
 from jaxdiff.training import images as imgs
@@ -32,12 +39,15 @@ def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_
 
     Args:
       apply_fn: a Flax ``apply`` of a :class:`jaxdiff.models.UNet` (``(variables, x, t, y, train=)``).
-      labels: ``[N]`` int labels; ignored by an unconditional model (``num_classes=None``).
+      labels: ``[N]`` int labels in ``[0, num_classes)`` (checked when concrete); only their
+        number is used by an unconditional model (``num_classes=None``).
       image_shape: static ``(H, W, C)``.
       sampler: a name in :data:`jaxdiff.samplers.SAMPLERS` that serves ``objective``.
       eta: forwarded only to samplers that take it (``ddim``, ``euler_ancestral``).
       guidance_scale: classifier-free guidance scale ``w`` of a class-conditional model
-        (1 = the conditional model).
+        (1 = the conditional model); a concrete value other than 1 on an unconditional model raises.
+      num_classes: the model's number of classes (``None``: unconditional). When ``apply_fn`` is a
+        bound method of a module with a ``num_classes`` field (``UNet.apply``) the two must agree.
       learned_variance: the network outputs ``2C`` channels; samplers that use learned
         variances (``ddpm``) get them, the others the first ``C``.
 
@@ -45,6 +55,8 @@ def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_
     ``functools.partial``); ``num_steps``, ``eta`` and ``guidance_scale`` may stay traced.
     """
     spec = registry.check(sampler, objective=objective)
+    _check_conditioning(apply_fn, labels, num_classes, guidance_scale)
+    checks.check_nonnegative(eta, "eta")
     c = image_shape[-1]
     shape = (labels.shape[0], *image_shape)
 
@@ -67,22 +79,63 @@ def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_
                            clip_x0=clip_x0, **options)
 
 
+def _check_conditioning(apply_fn: Callable, labels, num_classes: int | None, guidance_scale) -> None:
+    """Labels and guidance must mean something to the model (module docstring)."""
+    model = getattr(apply_fn, "__self__", None)
+    model_classes = getattr(model, "num_classes", num_classes)
+    if model_classes != num_classes:
+        raise ValueError(f"num_classes={num_classes} but the model of apply_fn has num_classes={model_classes}: "
+                         f"pass the model's num_classes (None for an unconditional model)")
+    if jnp.ndim(labels) != 1:
+        raise ValueError(f"labels must be [N] ints, got shape {jnp.shape(labels)}")
+    if num_classes is None:
+        w = checks.concrete_value(guidance_scale)
+        if w is not None and np.any(w != 1.0):
+            raise ValueError(f"guidance_scale={w.item() if w.size == 1 else w}: the model is unconditional "
+                             f"(num_classes=None), so there is no classifier-free guidance; use 1")
+    else:
+        checks.check_int_range(labels, "labels", 0, num_classes - 1, f" (num_classes={num_classes})")
+
+
+def _check_output(output: str, overwrite: bool) -> list[str]:
+    """Checks that ``output`` and the PNG beside it can be written, before any work; returns both paths."""
+    if not output.endswith(".npz"):
+        raise ValueError(f"output must be a .npz path, got {output!r}")
+    paths = [output, os.path.splitext(output)[0] + ".png"]
+    for path in paths:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"output {path} is a directory; give a file path")
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"output {path} exists; pass overwrite (--overwrite) to replace it")
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"output {output}: cannot write in {folder} ({error.strerror or error})") from None
+    return paths
+
+
 def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0, sampler: str | None = None,
                    num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
-                   batch_size: int = 256) -> str:
+                   batch_size: int = 256, overwrite: bool = False) -> str:
     """Writes ``output`` (.npz with uint8 ``images`` [N, H, W, C] and ``labels``) and a PNG grid beside it.
 
     ``sampler``, ``num_steps``, ``eta`` and ``guidance_scale`` override the run's ``config.sample``;
-    an override the run's model or sampler cannot use (``eta`` for a sampler without it,
-    guidance for an unconditional model) is an error, raised before any work. Deterministic in
-    ``seed``: batch ``i`` uses ``fold_in(key(seed), i)``.
+    an override the run's model or sampler cannot use (``eta`` for a sampler without it or below 0,
+    guidance for an unconditional model) is an error, raised before any work. So is an output
+    that cannot be written (a directory, a folder without write permission) and, unless
+    ``overwrite``, an output ``.npz`` or ``.png`` that already exists. Deterministic in ``seed``:
+    batch ``i`` uses ``fold_in(key(seed), i)``.
     """
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not output.endswith(".npz"):
-        raise ValueError(f"output must be a .npz path, got {output!r}")
+    if eta is not None and eta < 0:
+        raise ValueError(f"--eta must be >= 0, got {eta}")
+    npz_path, png_path = _check_output(output, overwrite)
     wd = load_workdir(workdir)
     run, sm = wd.run, wd.config.sample
     sampler = sampler or sm.sampler
@@ -91,7 +144,6 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
     num_steps = sm.num_steps if num_steps is None else num_steps
     if guidance_scale is not None and run.num_classes is None:
         raise ValueError("--guidance: the model of this workdir is unconditional (no classifier-free guidance)")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fn = jax.jit(functools.partial(
         generate, run.model.apply, schedule=run.schedule, image_shape=run.image_shape, sampler=sampler,
         num_classes=run.num_classes, prediction=wd.config.diffusion.prediction,
@@ -109,6 +161,6 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
     arrays = {"images": images}
     if run.num_classes is not None:
         arrays["labels"] = labels
-    np.savez(output, **arrays)
-    imgs.save_grid(images, os.path.splitext(output)[0] + ".png", ncols=run.num_classes or None)
+    np.savez(npz_path, **arrays)
+    imgs.save_grid(images, png_path, ncols=run.num_classes or None)
     return output

@@ -96,6 +96,8 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
                    num_timesteps=df.num_timesteps, prefix="config.sample.")
     if sm.eta < 0:
         _fail("sample.eta", sm.eta, "must be >= 0")
+    if sm.guidance != 1.0 and not md.class_conditional:
+        _fail("sample.guidance", sm.guidance, "must be 1 for an unconditional model (model.class_conditional=False)")
     if sm.num_samples <= 0:
         _fail("sample.num_samples", sm.num_samples, "must be positive")
     if md.get("preset") is not None and md.preset not in PRESETS:

@@ -1,0 +1,89 @@
+"""Checks of argument *values* at the library's boundary, shared by every module that takes them.
+
+Shape and dtype checks are free under ``jax.jit`` and live next to the functions that need them
+(e.g. :func:`jaxdiff.diffusion.check_t`). The checks here look at values, so they run only when
+the value is concrete (a Python number, a NumPy array, or a JAX array outside any transformation):
+a traced value passes through, and the function that takes it documents what it does with a bad
+one. Each raises ``ValueError`` naming the argument and what was seen.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["is_concrete", "concrete_value", "check_key", "as_float_array", "check_finite", "check_int_range",
+           "check_nonnegative"]
+
+
+def is_concrete(x) -> bool:
+    """``True`` unless ``x`` is (or holds) a tracer of a JAX transformation."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
+
+
+def concrete_value(x):
+    """``x`` as a NumPy array if it is concrete, else ``None`` (a traced value cannot be inspected)."""
+    if x is None or not is_concrete(x):
+        return None
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_key(key, name: str = "key"):
+    """``key`` must be a PRNG key: a typed key (``jax.random.key``) of shape ``()`` or a legacy
+    ``uint32 [2]`` key (``jax.random.PRNGKey``). Works on tracers (it looks at dtype and shape only)."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(f"{name} must be a single PRNG key, got a key array of shape {shape} "
+                             f"(vmap over keys for independent chains)")
+        return key
+    if dtype is not None and dtype == jnp.uint32 and shape == (2,):
+        return key
+    seen = f"{type(key).__name__} {key!r}" if dtype is None else f"an array of dtype {dtype} and shape {shape}"
+    raise ValueError(f"{name} must be a PRNG key (e.g. jax.random.key(0)), got {seen}")
+
+
+def as_float_array(x, name: str) -> jax.Array:
+    """``x`` (an array or a nested list of numbers) as a floating JAX array, or ``ValueError`` naming ``name``."""
+    try:
+        arr = jnp.asarray(x)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be an array of floats, got {type(x).__name__}: {error}") from None
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        if jnp.issubdtype(arr.dtype, jnp.integer) and not isinstance(x, jax.Array) and not isinstance(x, np.ndarray):
+            return arr.astype(jnp.float32)  # a list of Python numbers
+        raise ValueError(f"{name} must be a floating array, got dtype {arr.dtype}")
+    return arr
+
+
+def check_finite(x, name: str):
+    """A concrete ``x`` must be finite everywhere (traced values pass)."""
+    v = concrete_value(x)
+    if v is not None and np.issubdtype(v.dtype, np.number) and not np.all(np.isfinite(v)):
+        bad = int(np.size(v) - np.count_nonzero(np.isfinite(v)))
+        raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) (NaN or inf) of {np.size(v)}")
+    return x
+
+
+def check_int_range(x, name: str, low: int, high: int, what: str = ""):
+    """A concrete ``x`` must lie in ``[low, high]`` (traced values pass). ``what`` explains the range."""
+    v = concrete_value(x)
+    if v is None or v.size == 0:
+        return x
+    lo, hi = v.min(), v.max()
+    if lo < low or hi > high:
+        seen = lo if lo < low else hi
+        raise ValueError(f"{name} must lie in [{low}, {high}]{what}, got {seen.item()!r}")
+    return x
+
+
+def check_nonnegative(x, name: str, *, strict: bool = False):
+    """A concrete ``x`` must be ``>= 0`` (``> 0`` with ``strict``); traced values pass."""
+    v = concrete_value(x)
+    if v is not None and v.size and (np.any(v <= 0) if strict else np.any(v < 0)):
+        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {v.min().item()!r}")
+    return x
