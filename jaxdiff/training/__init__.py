@@ -6,12 +6,14 @@ loop (:mod:`~jaxdiff.training.loop`), and generating from / evaluating a workdir
 """
 
 from jaxdiff.training.evaluate import evaluate_workdir
-from jaxdiff.training.generate import generate, sample_workdir
+from jaxdiff.training.generate import generate, sample_images, sample_workdir
 from jaxdiff.training.loop import train_and_evaluate
 from jaxdiff.training.setup import Run, get_config, resolve
 from jaxdiff.training.state import TrainState, create_train_state, make_optimizer
 from jaxdiff.training.step import train_step
 from jaxdiff.training.workdir import Workdir, load_workdir
 
-__all__ = ["train_and_evaluate", "get_config", "resolve", "Run", "load_workdir", "Workdir", "generate", "sample_workdir",
-           "evaluate_workdir", "train_step", "TrainState", "create_train_state", "make_optimizer"]
+__all__ = [
+    "train_and_evaluate", "get_config", "resolve", "Run", "load_workdir", "Workdir", "generate", "sample_images",
+    "sample_workdir", "evaluate_workdir", "train_step", "TrainState", "create_train_state", "make_optimizer",
+]

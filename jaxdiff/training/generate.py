@@ -29,7 +29,7 @@ from jaxdiff.schedules import Schedule
 from jaxdiff.training import images as imgs
 from jaxdiff.training.workdir import load_workdir
 
-__all__ = ["generate", "sample_workdir"]
+__all__ = ["generate", "sample_images", "sample_workdir"]
 
 
 def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_shape, *, sampler: str = "ddim",
@@ -117,6 +117,57 @@ def _check_output(output: str, overwrite: bool) -> list[str]:
     return paths
 
 
+def _check_counts(num_samples: int, batch_size: int) -> None:
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
+def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | None = None,
+                  num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
+                  labels=None, batch_size: int = 256, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Samples a workdir's EMA model: ``(images uint8 [N, H, W, C], labels int32 [N])``, ready to display.
+
+    Args:
+      workdir: a path, or a :class:`~jaxdiff.training.workdir.Workdir` already loaded by
+        :func:`~jaxdiff.training.workdir.load_workdir` (no second restore).
+      sampler, num_steps, eta, guidance_scale: override the run's ``config.sample``; one the
+        run cannot use (``eta`` for a sampler without it, guidance for an unconditional model)
+        raises before any work.
+      labels: ``[N]`` class labels of a class-conditional model (default: the grid order
+        ``0, 1, ..., 9, 0, ...`` of :func:`~jaxdiff.training.images.grid_labels`).
+    Deterministic in ``seed``: batch ``i`` uses ``fold_in(key(seed), i)``.
+    """
+    _check_counts(num_samples, batch_size)
+    wd = load_workdir(workdir) if isinstance(workdir, str) else workdir
+    run, sm = wd.run, wd.config.sample
+    sampler = sampler or sm.sampler
+    registry.check(sampler, objective=run.objective, num_steps=num_steps, num_timesteps=run.schedule.num_timesteps,
+                   options={} if eta is None else {"eta": eta}, prefix=prefix)
+    num_steps = sm.num_steps if num_steps is None else num_steps
+    if guidance_scale is not None and run.num_classes is None:
+        raise ValueError(f"{prefix}guidance: the model of this workdir is unconditional (no classifier-free guidance)")
+    if labels is None:
+        labels = imgs.grid_labels(num_samples, run.num_classes)
+    labels = np.asarray(labels, np.int32)
+    if labels.shape != (num_samples,):
+        raise ValueError(f"labels must have shape [num_samples]=({num_samples},), got {labels.shape}")
+    fn = jax.jit(functools.partial(
+        generate, run.model.apply, schedule=run.schedule, image_shape=run.image_shape, sampler=sampler,
+        num_classes=run.num_classes, prediction=wd.config.diffusion.prediction,
+        learned_variance=wd.config.diffusion.learned_variance, clip_x0=sm.clip_x0, objective=run.objective))
+    key = jax.random.key(seed)
+    chunks = []
+    for i, start in enumerate(tqdm(range(0, num_samples, batch_size), desc="sample", unit="batch")):
+        y = labels[start:start + batch_size]
+        out = fn(wd.ema_params, key=jax.random.fold_in(key, i), labels=jnp.asarray(y), num_steps=num_steps,
+                 eta=sm.eta if eta is None else eta,
+                 guidance_scale=sm.guidance if guidance_scale is None else guidance_scale)
+        chunks.append(imgs.to_uint8(out))
+    return np.concatenate(chunks), labels
+
+
 def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0, sampler: str | None = None,
                    num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
                    batch_size: int = 256, overwrite: bool = False) -> str:
@@ -129,35 +180,14 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
     ``overwrite``, an output ``.npz`` or ``.png`` that already exists. Deterministic in ``seed``:
     batch ``i`` uses ``fold_in(key(seed), i)``.
     """
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if eta is not None and eta < 0:
         raise ValueError(f"--eta must be >= 0, got {eta}")
+    _check_counts(num_samples, batch_size)
     npz_path, png_path = _check_output(output, overwrite)
     wd = load_workdir(workdir)
-    run, sm = wd.run, wd.config.sample
-    sampler = sampler or sm.sampler
-    registry.check(sampler, objective=run.objective, num_steps=num_steps, num_timesteps=run.schedule.num_timesteps,
-                   options={} if eta is None else {"eta": eta}, prefix="--")
-    num_steps = sm.num_steps if num_steps is None else num_steps
-    if guidance_scale is not None and run.num_classes is None:
-        raise ValueError("--guidance: the model of this workdir is unconditional (no classifier-free guidance)")
-    fn = jax.jit(functools.partial(
-        generate, run.model.apply, schedule=run.schedule, image_shape=run.image_shape, sampler=sampler,
-        num_classes=run.num_classes, prediction=wd.config.diffusion.prediction,
-        learned_variance=wd.config.diffusion.learned_variance, clip_x0=sm.clip_x0, objective=run.objective))
-    labels = imgs.grid_labels(num_samples, run.num_classes)
-    key = jax.random.key(seed)
-    chunks = []
-    for i, start in enumerate(tqdm(range(0, num_samples, batch_size), desc="sample", unit="batch")):
-        y = labels[start:start + batch_size]
-        out = fn(wd.ema_params, key=jax.random.fold_in(key, i), labels=jnp.asarray(y), num_steps=num_steps,
-                 eta=sm.eta if eta is None else eta,
-                 guidance_scale=sm.guidance if guidance_scale is None else guidance_scale)
-        chunks.append(imgs.to_uint8(out))
-    images = np.concatenate(chunks)
+    images, labels = sample_images(wd, num_samples, seed=seed, sampler=sampler, num_steps=num_steps, eta=eta,
+                                   guidance_scale=guidance_scale, batch_size=batch_size, prefix="--")
+    run = wd.run
     arrays = {"images": images}
     if run.num_classes is not None:
         arrays["labels"] = labels
