@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -14,6 +15,7 @@ import pytest
 from jaxdiff import data
 from jaxdiff.training import loop, resume
 from jaxdiff.training.preemption import Stopped
+
 from training_utils import final_params, run, subprocess_env, tiny_config, train_command
 
 
@@ -31,6 +33,14 @@ def reference(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ref"))
     loop.train_and_evaluate(tiny_config(num_steps=6), workdir)
     return final_params(workdir)
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A 4-step run of the tiny config (checkpoints at 2 and 4), copied by the tests that resume it."""
+    workdir = str(tmp_path_factory.mktemp("four"))
+    loop.train_and_evaluate(tiny_config(num_steps=4), workdir)
+    return workdir
 
 
 def _damage(workdir, how):
@@ -51,12 +61,11 @@ def _damage(workdir, how):
 
 
 @pytest.mark.parametrize("how", ["truncated", "no_metadata", "foreign"])
-def test_damaged_newest_checkpoint_is_skipped_and_set_aside(tmp_path, reference, how, caplog):
+def test_damaged_newest_checkpoint_is_skipped_and_set_aside(tmp_path, reference, four_steps, how, caplog):
     from jaxdiff.training.generate import sample_workdir
     from jaxdiff.training.workdir import load_workdir
 
-    workdir = str(tmp_path / "w")
-    loop.train_and_evaluate(tiny_config(num_steps=4), workdir)
+    workdir = shutil.copytree(four_steps, tmp_path / "w")
     bad = _damage(workdir, how)
     good = 2 if bad == 4 else 4
     bad_dir = os.path.join(workdir, "checkpoints", str(bad))
@@ -80,20 +89,19 @@ def test_damaged_newest_checkpoint_is_skipped_and_set_aside(tmp_path, reference,
     assert _metric_steps(workdir) == [1, 2, 3, 4, 5, 6]
 
 
-def test_no_restorable_checkpoint_is_an_error_listing_the_tries(tmp_path):
-    workdir = str(tmp_path)
-    loop.train_and_evaluate(tiny_config(num_steps=2), workdir)
-    os.remove(os.path.join(workdir, "checkpoints", "2", "state", "_METADATA"))
-    with pytest.raises(ValueError, match="no checkpoint .* restores completely .*step 2: "):
-        loop.train_and_evaluate(tiny_config(num_steps=4), workdir)
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # left in place
+def test_no_restorable_checkpoint_is_an_error_listing_the_tries(tmp_path, four_steps):
+    workdir = shutil.copytree(four_steps, tmp_path / "w")
+    for step in (2, 4):
+        os.remove(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"))
+    with pytest.raises(ValueError, match="no checkpoint .* restores completely .*step 4: .*step 2: "):
+        loop.train_and_evaluate(tiny_config(num_steps=6), str(workdir))
+    assert _steps(workdir) == [2, 4]  # left in place
 
 
-def test_config_drift_is_refused_and_allowed_changes_are_recorded(tmp_path):
-    workdir = str(tmp_path)
-    loop.train_and_evaluate(tiny_config(num_steps=2), workdir)
+def test_config_drift_is_refused_and_allowed_changes_are_recorded(tmp_path, four_steps):
+    workdir = str(shutil.copytree(four_steps, tmp_path / "w"))
     saved = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()
-    changed = tiny_config(num_steps=4)
+    changed = tiny_config(num_steps=6)
     changed.model.ch = 16
     changed.diffusion.objective = "flow_matching"
     changed.sample.sampler = "heun"  # allowed, so not listed
@@ -103,15 +111,15 @@ def test_config_drift_is_refused_and_allowed_changes_are_recorded(tmp_path):
     assert "model.ch: 8 -> 16" in message and "diffusion.objective: 'diffusion' -> 'flow_matching'" in message
     assert "sample.sampler" not in message and "new run" in message
     assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == saved
-    assert _steps(workdir) == [2]
+    assert _steps(workdir) == [2, 4]
 
-    loop.train_and_evaluate(tiny_config(num_steps=4), workdir)
+    loop.train_and_evaluate(tiny_config(num_steps=6), workdir)
     history = [json.loads(line) for line in open(os.path.join(workdir, resume.HISTORY_FILE), encoding="utf-8")]
-    assert [h["step"] for h in history] == [0, 2]
-    assert history[0]["changes"] == {} and history[1]["changes"] == {"train.num_steps": [2, 4]}
-    assert history[1]["config"]["train"]["num_steps"] == 4
-    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["num_steps"] == 4
-    assert _metric_steps(workdir) == [1, 2, 3, 4]
+    assert [h["step"] for h in history] == [0, 4]
+    assert history[0]["changes"] == {} and history[1]["changes"] == {"train.num_steps": [4, 6]}
+    assert history[1]["config"]["train"]["num_steps"] == 6
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["num_steps"] == 6
+    assert _metric_steps(workdir) == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_flow_config_cannot_resume_a_diffusion_workdir():
@@ -174,6 +182,8 @@ def test_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, reference, 
     assert info.value.step == 4 and info.value.exit_code == 128 + signum  # read one step after it arrived
     assert signal.getsignal(signum) == before
     assert _steps(workdir) == [4] and _metric_steps(workdir) == [1, 2, 3, 4]
+    if signum == signal.SIGINT:
+        return  # the same path as SIGTERM from here
     monkeypatch.undo()
     loop.train_and_evaluate(tiny_config(num_steps=6, checkpoint_every=4), workdir)
     _, ref = reference
@@ -236,3 +246,28 @@ def test_sigterm_at_a_random_moment_then_resume_matches_uninterrupted_run(tmp_pa
     for a, b in zip(got, ref):
         np.testing.assert_array_equal(a, b)
     assert _metric_steps(workdir) == list(range(1, 31))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    workdir = tmp_path / "two"
+    steps = ["--config.train.num_steps=40", "--config.train.checkpoint_every=5"]
+    procs = [subprocess.Popen(train_command(workdir, *steps, f"--coordinator_address=localhost:{port}",
+                                            "--num_processes=2", f"--process_id={i}"),
+                              env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and procs[1].poll() is None and not (workdir / "metrics.jsonl").exists():
+        time.sleep(0.02)
+    time.sleep(np.random.default_rng(int(time.time())).uniform(0.0, 0.3))
+    procs[1].send_signal(signal.SIGTERM)  # process 0 gets no signal: it must learn it from process 1
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    if all(p.returncode == 0 for p in procs):
+        pytest.skip("the run finished before the signal")
+    assert [p.returncode for p in procs] == [143, 143], errs[0][-2000:] + errs[1][-2000:]
+    stopped = [int(e.split("stopped by SIGTERM at step ")[1].split(";")[0]) for e in errs]
+    assert stopped[0] == stopped[1] and stopped[0] in _steps(workdir)
+    assert _metric_steps(workdir) == list(range(1, stopped[0] + 1))

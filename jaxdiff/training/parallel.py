@@ -105,10 +105,8 @@ class DataParallel:
 
         Every process must call it at the same point. Reading the result (``bool(...)``) waits for
         the steps queued before it, so the loop reads it one step later to keep the devices busy.
-        With one process it returns ``flag`` itself and costs nothing.
+        One process takes the same path (one small dispatch per step; ``bench/stop_check.py``).
         """
-        if jax.process_count() == 1:
-            return bool(flag)
         n = len(self.local_devices)
         flags = jax.make_array_from_process_local_data(self._batch_sharding, np.full((n,), int(flag), np.int32))
         if self._any is None:
