@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxdiff import data
-from jaxdiff.training import loop, resume
+from jaxdiff.training import checkpoint, loop, resume
 from jaxdiff.training.preemption import Stopped
 
 from training_utils import final_params, run, subprocess_env, tiny_config, train_command
@@ -71,6 +71,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_set_aside(tmp_path, reference,
     bad_dir = os.path.join(workdir, "checkpoints", str(bad))
     caplog.set_level(logging.WARNING, logger="jaxdiff")
     assert load_workdir(workdir).step == good  # read-only consumers skip it and leave it in place
+    assert checkpoint.read_config(str(workdir))["train"]["num_steps"] == 4
     assert bad_dir in caplog.text
     out = np.load(sample_workdir(workdir, str(tmp_path / "s.npz"), num_samples=2, num_steps=2))
     assert out["images"].shape == (2, 8, 8, 1)
