@@ -2,7 +2,11 @@
 
     python scripts/train.py --config configs/digits.py --workdir workdir/digits
 
-Re-running the same command resumes from the latest checkpoint in ``--workdir``. On a
+Re-running the same command resumes from the newest checkpoint in ``--workdir`` that restores
+completely (damaged ones are skipped with a warning), if the config agrees with the saved one
+(see ``jaxdiff/training/resume.py`` for the fields that may change). SIGTERM or SIGINT stops the
+run at the next step boundary with a checkpoint and exits with code 128 + signal (143 for
+SIGTERM, 130 for SIGINT); the same command resumes. A second signal exits at once. On a
 multi-host slice every host runs the same command (on Cloud TPU, JAX finds its peers by
 itself; elsewhere pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``).
 """
@@ -34,8 +38,18 @@ def main(argv):
     from jaxdiff.training.loop import train_and_evaluate
 
     logging.info("JAX: %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(), jax.devices())
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    print(f"done: checkpoints, metrics.jsonl and samples/ are in {FLAGS.workdir}")
+    from jaxdiff.training.preemption import Stopped
+
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Stopped as stopped:
+        print(f"{stopped} (workdir: {os.path.abspath(FLAGS.workdir)})", file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
+    if jax.process_index() == 0:
+        workdir = os.path.abspath(FLAGS.workdir)
+        print(f"done: checkpoints in {os.path.join(workdir, 'checkpoints')}, metrics in "
+              f"{os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')}), "
+              f"samples in {os.path.join(workdir, 'samples')}")
 
 
 if __name__ == "__main__":

@@ -4,19 +4,30 @@ Nothing here executes code on load: the state is restored into the structure of 
 initialised state (no pickle), the config is plain JSON. Saves are asynchronous and atomic
 (orbax writes a temporary folder and renames it when complete), so a job killed mid-save
 leaves the previous checkpoints intact and resumes from the latest complete one.
+
+A checkpoint can still be damaged later (a truncated file, a deleted ``_METADATA``, a folder
+that is not a checkpoint): :func:`restore_newest` tries the steps newest first, skips each one
+that does not restore completely with a warning naming it, and never deletes anything. A run
+that resumes behind a damaged step moves it aside with :func:`set_aside` (to
+``checkpoints/STEP.damaged-N``, which orbax ignores) before it saves that step again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["open_manager", "save", "restore", "latest_step", "read_config"]
+__all__ = ["open_manager", "save", "restore", "latest_step", "read_config", "restore_newest", "set_aside",
+           "check_saves"]
+
+log = logging.getLogger("jaxdiff")
 
 
 def open_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -59,13 +70,90 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
     return _as_numpy(restored["state"]), restored["config"]
 
 
+def restore_newest(manager: ocp.CheckpointManager, target_for: Callable[[dict], Any] | None = None, *,
+                   check_config: Callable[[int, dict], None] | None = None):
+    """Restores the newest checkpoint that restores completely: ``(step, state, config, skipped)``.
+
+    ``target_for(config)``: the host target of a checkpoint with this config (None: the saved
+    structure, as dicts). ``check_config(step, config)`` may raise to refuse a checkpoint; its
+    error propagates (a refusal is not damage). ``skipped``: ``[(step, reason)]`` of the newer
+    checkpoints that did not restore, each also logged as a warning naming its folder.
+    FileNotFoundError if there is no checkpoint; ValueError listing every try if none restores.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    skipped = []
+    for step in steps:
+        try:
+            config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            if not isinstance(config, dict):
+                raise ValueError(f"its config is a {type(config).__name__}, not a JSON object")
+        except Exception as error:  # any failure to read makes this step unusable
+            skipped.append((step, _reason(error)))
+            log.warning("skipping the checkpoint %s: %s", os.path.join(manager.directory, str(step)), skipped[-1][1])
+            continue
+        if check_config is not None:
+            check_config(step, config)
+        try:
+            target = None if target_for is None else _as_numpy(target_for(config))
+            restore_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+            state = _as_numpy(manager.restore(step, args=ocp.args.Composite(state=restore_args))["state"])
+            _check_restored(step, state)
+        except Exception as error:
+            skipped.append((step, _reason(error)))
+            log.warning("skipping the checkpoint %s: %s", os.path.join(manager.directory, str(step)), skipped[-1][1])
+            continue
+        return step, state, config, skipped
+    tried = "; ".join(f"step {s}: {r}" for s, r in skipped)
+    raise ValueError(f"no checkpoint in {manager.directory} restores completely (tried {tried}); they are left in "
+                     f"place: move them aside to start afresh, or restore them from a copy")
+
+
+def set_aside(directory: str, step: int) -> str:
+    """Renames ``directory/STEP`` to ``directory/STEP.damaged-N`` (the first free N); returns the new path."""
+    n = 0
+    while os.path.exists(os.path.join(directory, f"{step}.damaged-{n}")):
+        n += 1
+    new = os.path.join(directory, f"{step}.damaged-{n}")
+    os.rename(os.path.join(directory, str(step)), new)
+    log.warning("moved the damaged checkpoint %s aside to %s", os.path.join(directory, str(step)), new)
+    return new
+
+
+def check_saves(manager: ocp.CheckpointManager, step: int | None) -> None:
+    """Raises OSError naming ``step`` (the last step saved) if an asynchronous save has failed."""
+    try:
+        manager.check_for_errors()
+    except Exception as error:  # orbax re-raises what the writer thread raised
+        raise OSError(f"saving the checkpoint of step {step} in {manager.directory} failed: "
+                      f"{_reason(error)}") from error
+
+
 def read_config(workdir: str) -> dict:
-    """The config JSON of the latest checkpoint in ``workdir`` (for sampling/eval scripts)."""
+    """The config JSON of the newest checkpoint in ``workdir`` that restores completely."""
     manager = open_manager(workdir, async_save=False)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first")
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    try:
+        _, _, config, _ = restore_newest(manager)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first") from None
+    finally:
+        manager.close()
+    return config
+
+
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _check_restored(step: int, state) -> None:
+    saved_step = state.get("step") if isinstance(state, dict) else getattr(state, "step", None)
+    if saved_step is not None and int(saved_step) != step:
+        raise ValueError(f"it holds the state of step {int(saved_step)}")
+    for path, leaf in _leaves_with_paths(state):
+        if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf)):
+            raise ValueError(f"state leaf {path} holds NaN or Inf")
 
 
 def _as_numpy(tree):

@@ -2,6 +2,14 @@
 
 ``train_and_evaluate(config, workdir)`` runs (or resumes) a job. Every process of a
 multi-host job runs it; process 0 alone writes metrics and images.
+
+Start-up, before any step: the workdir must be writable; the newest checkpoint that restores
+completely is resumed (damaged newer ones are skipped with a warning and moved aside to
+``checkpoints/STEP.damaged-N``); its config must agree with the current one
+(:mod:`jaxdiff.training.resume`); then ``config.json`` is written, the start appended to
+``config_history.jsonl`` and ``metrics.jsonl`` cut back to the resumed step (TensorBoard event
+files are append-only: after a restart they may show the steps past the checkpoint twice).
+SIGTERM / SIGINT stop the run at a step boundary with a checkpoint (:mod:`jaxdiff.training.preemption`).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import time
 
 import jax
@@ -18,10 +27,11 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint
+from jaxdiff.training import checkpoint, resume
 from jaxdiff.training import images as imgs
 from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
+from jaxdiff.training.preemption import Stopped, StopSignals
 from jaxdiff.training.setup import resolve
 from jaxdiff.training.state import create_train_state
 from jaxdiff.training.step import train_step
@@ -32,13 +42,19 @@ log = logging.getLogger("jaxdiff")
 
 
 class MetricsWriter:
-    """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+    """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard event files (process 0 only).
 
-    def __init__(self, workdir: str, enabled: bool):
+    ``start``: the step the run starts from; rows of later steps (written by a run that stopped
+    before its next checkpoint) are dropped from ``metrics.jsonl`` first, so each step appears once.
+    """
+
+    def __init__(self, workdir: str, enabled: bool, start: int | None = None):
         self.enabled = enabled
         if enabled:
             from tensorboardX import SummaryWriter
 
+            if start is not None:
+                _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -56,24 +72,64 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _restore_or_init(config, manager, host_state):
-    step = checkpoint.latest_step(manager)
-    if step is None:
-        return host_state
-    state, saved = checkpoint.restore(manager, host_state, step)
-    for key in ("model", "diffusion"):
-        if saved.get(key) != json.loads(json.dumps(config[key].to_dict())):
-            log.warning("config.%s differs from the checkpoint's; resuming with the current one", key)
-    log.info("resumed from the checkpoint at step %d", step)
-    return state
+def _truncate_metrics(path: str, start: int) -> None:
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a killed run
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start:
+                kept.append(json.dumps(row) + "\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
-def train_and_evaluate(config, workdir: str):
-    """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the final host state."""
+def _restore_or_init(config, workdir, manager, host_state, par):
+    """(manager, state, allowed config changes): the newest good checkpoint, or ``host_state`` in a new workdir."""
+    current = config.to_dict()
+    if not manager.all_steps():
+        return manager, host_state, {}
+    checked = {}
+
+    def check(step, saved):
+        checked["changes"] = resume.check_resume(saved, current, workdir=workdir, step=step)
+
+    step, state, _, skipped = checkpoint.restore_newest(manager, lambda saved: host_state, check_config=check)
+    for key, (a, b) in checked["changes"].items():
+        log.warning("config.%s changed on resume: %r -> %r", key, a, b)
+    if skipped:  # move damaged newer steps aside, so that orbax saves those steps again and never counts them
+        par.barrier("jaxdiff-restored")
+        if jax.process_index() == 0:
+            for bad, _ in skipped:
+                checkpoint.set_aside(str(manager.directory), bad)
+        par.barrier("jaxdiff-set-aside")
+        manager.close()
+        manager = checkpoint.open_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    log.info("resuming from the checkpoint of step %d", step)
+    return manager, state, checked["changes"]
+
+
+def train_and_evaluate(config, workdir: str, *, handle_signals: bool = True):
+    """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the final host state.
+
+    ``handle_signals``: while it runs, SIGTERM / SIGINT stop it at the next step boundary with a
+    checkpoint and raise :class:`jaxdiff.training.preemption.Stopped` (handlers restored on return).
+    """
+    with StopSignals() if handle_signals else StopSignals(signals=()) as stop:
+        return _train(config, workdir, stop)
+
+
+def _train(config, workdir: str, stop: StopSignals):
     is_main = jax.process_index() == 0
     par = DataParallel(config.parallel.mode)
     tr, df, sm = config.train, config.diffusion, config.sample
     run = resolve(config, num_devices=par.num_devices)  # every check, before anything is written
+    resume.check_writable(workdir)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     schedule, model, tx, num_classes = run.schedule, run.model, run.tx, run.num_classes
     root = jax.random.key(config.seed)
@@ -81,12 +137,11 @@ def train_and_evaluate(config, workdir: str):
 
     host_state = jax.device_get(create_train_state(k_init, model, tx, run.image_shape, num_classes=num_classes))
     manager = checkpoint.open_manager(workdir, max_to_keep=tr.keep_checkpoints)
-    host_state = _restore_or_init(config, manager, host_state)
+    manager, host_state, changes = _restore_or_init(config, workdir, manager, host_state, par)
     start = int(host_state.step)
     config_dict = config.to_dict()
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(json.loads(json.dumps(config_dict)), f, indent=2)
+    if is_main:  # only a config that passed every check
+        resume.record_start(workdir, start, config_dict, changes)
 
     step_fn = functools.partial(
         train_step, apply_fn=model.apply, tx=tx, schedule=schedule, prediction=df.prediction,
@@ -108,7 +163,7 @@ def train_and_evaluate(config, workdir: str):
             imgs.save_grid(imgs.to_uint8(images), os.path.join(workdir, "samples", f"{name}.png"),
                                ncols=num_classes or None)
 
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, start=start)
     pending: list = []
     last = {"time": time.time(), "step": start}
 
@@ -137,6 +192,8 @@ def train_and_evaluate(config, workdir: str):
         image_size=config.data.image_size or None, prefetch=config.data.prefetch)
     bar = tqdm.tqdm(total=tr.num_steps, initial=start, disable=not is_main, desc="train", unit="step",
                     dynamic_ncols=True)
+    saved = None  # the last step whose checkpoint was started
+    stop_agreed = None  # the hosts' agreement on a stop request, read one step after it is dispatched
     try:
         with iterator:
             for step, batch in iterator:
@@ -144,11 +201,19 @@ def train_and_evaluate(config, workdir: str):
                 done = step + 1
                 pending.append((done, metrics))
                 bar.update(1)
-                at_ckpt = done % tr.checkpoint_every == 0 or done == tr.num_steps
+                checkpoint.check_saves(manager, saved)  # a failed async save stops the run at once
+                stopping = stop_agreed is not None and bool(stop_agreed) and done < tr.num_steps
+                stop_agreed = par.any_process(stop.requested)
+                at_ckpt = done % tr.checkpoint_every == 0 or done == tr.num_steps or stopping
                 if done % tr.log_every == 0 or at_ckpt:
                     flush(done, bar)
                 if at_ckpt:
                     checkpoint.save(manager, done, par.get_state(state), config_dict)
+                    saved = done
+                if stopping:
+                    manager.wait_until_finished()
+                    checkpoint.check_saves(manager, done)
+                    raise Stopped(done, stop.signum or signal.SIGTERM)  # signum: None where another host got it
                 if tr.sample_every and done % tr.sample_every == 0 and done != tr.num_steps:
                     write_samples(par.get_state(state).ema_params, f"step_{done:07d}")
         host_state = par.get_state(state)

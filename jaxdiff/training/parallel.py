@@ -47,6 +47,7 @@ class DataParallel:
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        self._any = None  # the compiled reduction of `any_process`
 
     @property
     def num_devices(self) -> int:
@@ -97,3 +98,24 @@ class DataParallel:
     def get_metrics(self, metrics) -> dict[str, Any]:
         """Device metrics -> host floats (one replica)."""
         return {k: float(np.asarray(v.addressable_data(0)).reshape(-1)[0]) for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ agreement between hosts
+    def any_process(self, flag: bool):
+        """Whether ``flag`` is set on any process, as a replicated device scalar (dispatched, not waited for).
+
+        Every process must call it at the same point. Reading the result (``bool(...)``) waits for
+        the steps queued before it, so the loop reads it one step later to keep the devices busy.
+        One process takes the same path (one small dispatch per step; ``bench/stop_check.py``).
+        """
+        n = len(self.local_devices)
+        flags = jax.make_array_from_process_local_data(self._batch_sharding, np.full((n,), int(flag), np.int32))
+        if self._any is None:
+            self._any = jax.jit(lambda a: a.max() > 0, out_shardings=self._replicated)
+        return self._any(flags)
+
+    def barrier(self, name: str) -> None:
+        """Waits until every process reaches the barrier ``name`` (nothing to wait for with one process)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(name)

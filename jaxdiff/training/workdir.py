@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import ml_collections
@@ -29,19 +30,26 @@ class Workdir:
 
 
 def load_workdir(workdir: str) -> Workdir:
-    """Restores the latest checkpoint of ``workdir`` on the host (NumPy arrays).
+    """Restores the newest checkpoint of ``workdir`` that restores completely, on the host (NumPy arrays).
 
-    ``FileNotFoundError`` if ``workdir`` holds no checkpoint. The config is the one saved with
-    the checkpoint (locked, so a typo in a field name raises).
+    Damaged newer checkpoints are skipped with a warning (see :func:`checkpoint.restore_newest`).
+    ``FileNotFoundError`` if ``workdir`` holds no checkpoint, ``ValueError`` if none restores. The
+    config is the one saved with the checkpoint (locked, so a typo in a field name raises).
     """
-    config = ml_collections.ConfigDict(checkpoint.read_config(workdir))
-    config.lock()
-    run = resolve(config)
-    target = jax.device_get(create_train_state(jax.random.key(0), run.model, run.tx, run.image_shape,
-                                               num_classes=run.num_classes))
+    runs = {}
+
+    def target_for(saved: dict):
+        config = ml_collections.ConfigDict(saved)
+        config.lock()
+        runs["run"] = run = resolve(config)
+        return jax.device_get(create_train_state(jax.random.key(0), run.model, run.tx, run.image_shape,
+                                                 num_classes=run.num_classes))
+
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first")
     manager = checkpoint.open_manager(workdir, async_save=False)
     try:
-        state, _ = checkpoint.restore(manager, target)
+        step, state, _, _ = checkpoint.restore_newest(manager, target_for)
     finally:
         manager.close()
-    return Workdir(run=run, step=int(state.step), params=state.params, ema_params=state.ema_params)
+    return Workdir(run=runs["run"], step=step, params=state.params, ema_params=state.ema_params)
