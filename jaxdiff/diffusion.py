@@ -352,7 +352,7 @@ def p_mean_variance(schedule: Schedule, model_output, x_t, t, *, prediction: str
     """The reverse model ``p(x_{t-1} | x_t)``: ``(mean, variance, log_variance, x0_hat, eps_hat)``.
 
     ``model_output`` is ``[B, ..., C]`` or, for ``variance="learned_range"``, ``[B, ..., 2C]``
-    (see :func:`split_variance_output` and :func:`model_log_variance`). ``fixed_large`` uses
+    (see :func:`~jaxdiff.diffusion.split_variance_output` and :func:`~jaxdiff.diffusion.model_log_variance`). ``fixed_large`` uses
     ``beta_t``, with ``beta-tilde_1`` at ``t = 0`` as Ho et al.'s code; ``learned_range``
     interpolates towards ``log beta_t`` at every ``t``, ``t = 0`` included (Nichol & Dhariwal's
     code). Means and variances are in the schedule's coordinates at ``t - 1``; all arrays are

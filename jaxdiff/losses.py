@@ -108,7 +108,7 @@ def diffusion_loss(
 
     Samples ``t ~ U{0..T-1}`` and ``noise ~ N(0, I)`` from ``key`` (or takes them), forms
     ``x_t = q_sample(x0, t, noise)`` and regresses ``model_fn(x_t, t)`` onto the target of
-    ``prediction`` with the per-example ``weighting`` (:func:`loss_weight`).
+    ``prediction`` with the per-example ``weighting`` (:func:`~jaxdiff.losses.loss_weight`).
 
     With ``learned_variance=True`` the network outputs ``2C`` channels and the hybrid objective
     of Nichol & Dhariwal is used: ``L_simple + vlb_weight * T * L_{t-1}`` (the VLB term in

@@ -1,4 +1,4 @@
-"""Convert pytorch-fid's Inception weights (.pth) to the safetensors file :func:`load_inception` reads.
+"""Convert pytorch-fid's Inception weights (.pth) to the safetensors file :func:`~jaxdiff.metrics.inception.load_inception` reads.
 
 The weights are pytorch-fid's release asset (the TensorFlow FID Inception graph of 2015-12-05,
 ported to torch)::
@@ -79,7 +79,7 @@ def _publish(tmp: str, dst: str) -> None:
 
 def convert(src: str, dst: str, *, check_hash: bool = True) -> int:
     """Write ``dst`` (safetensors) from pytorch-fid's ``src`` (.pth); returns the tensor count.
-    Raises :class:`ConversionError` before writing anything if a check fails."""
+    Raises ``ConversionError`` before writing anything if a check fails."""
     from safetensors.numpy import save_file
 
     from jaxdiff.metrics.inception import check_state_dict

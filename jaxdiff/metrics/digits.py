@@ -138,7 +138,7 @@ def save_params(path: str, params: dict, *, overwrite: bool = False) -> None:
 
 
 def load_params(path: str | os.PathLike | None = None) -> dict:
-    """The classifier's params from ``path`` (default: the shipped :data:`WEIGHTS_PATH`).
+    """The classifier's params from ``path`` (default: the shipped ``WEIGHTS_PATH``).
 
     Raises FileNotFoundError for a missing file and ValueError naming the file when its
     tensors do not match :class:`DigitsClassifier`'s names and shapes.

@@ -14,7 +14,7 @@ schedule's own coordinates (the VE ones for ``kind="ve"``), so one code path ser
 
 **Step counts below 1.** A concrete ``num_steps`` (a Python or NumPy int, or a JAX array outside
 ``jit``) below 1, or above ``T`` for the samplers on the integer grid, raises ``ValueError``
-(:func:`check_num_steps`). A *traced* ``num_steps`` cannot be checked, so every fixed-step
+(:func:`~jaxdiff.samplers.common.check_num_steps`). A *traced* ``num_steps`` cannot be checked, so every fixed-step
 sampler (and :func:`jaxdiff.flow.sample`) ends with :func:`steps_result`: when ``n < 1`` the
 samples are all NaN and the reported NFE is 0, so the mistake is visible instead of returning
 the prior noise as if it were a sample. A traced ``n`` above ``T`` on the integer grid is not
@@ -160,7 +160,7 @@ def steps_result(num_steps, x, nfe):
     """``(x, nfe)`` of a fixed-step sampler, or ``(NaN like x, 0)`` when a traced ``num_steps < 1``.
 
     The one place that implements the module docstring's rule for traced step counts; a Python
-    int ``num_steps`` (checked by :func:`check_num_steps`) returns ``(x, nfe)`` unchanged.
+    int ``num_steps`` (checked by :func:`~jaxdiff.samplers.common.check_num_steps`) returns ``(x, nfe)`` unchanged.
     """
     if isinstance(num_steps, (int, np.integer)):
         return x, nfe

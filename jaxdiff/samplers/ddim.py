@@ -29,7 +29,7 @@ def ddim_step(schedule: Schedule, model_output, x_t, t, t_prev, key=None, *, noi
     """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12).
 
     ``x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z`` with
-    ``sigma`` from :func:`ddim_sigma`. ``eta = 0`` is deterministic; ``eta = 1`` with
+    ``sigma`` from :func:`~jaxdiff.samplers.ddim.ddim_sigma`. ``eta = 0`` is deterministic; ``eta = 1`` with
     ``t_prev = t - 1`` is DDPM with ``"fixed_small"`` variance. ``t_prev = -1`` is the final
     step to x0 (``abar = 1``).
 

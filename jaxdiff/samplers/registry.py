@@ -9,20 +9,20 @@ common ones (``num_steps``, ``prediction``, ``clip_x0``); their defaults are the
 defaults, read once here, so a sampler's options are written in exactly one place: its own
 signature. The same holds for the default number of steps (``None`` there means ``T``).
 
-==================  =====================  ===============  ===========  =================
-name                NFE for ``n`` steps    default ``n``    ``n`` <= T   objectives
-==================  =====================  ===============  ===========  =================
-``ddpm``            ``n``                  ``T``            yes          diffusion
-``ddim``            ``n``                  50               yes          diffusion
-``dpm_solver++``    ``n`` (+1 if           20               no           diffusion
-                    ``denoise_final``)
-``dpm++2m``         as ``dpm_solver++``    20               no           diffusion
-``euler``           ``n``                  50               no           diffusion, flow
-``heun``            ``2n - 1``             25               no           diffusion, flow
-``euler_ancestral`` ``n``                  50               no           diffusion
-``pc``              ``n (M + 1)``          ``T``            yes          diffusion
-``ode``             adaptive, reported     (tolerances)     --           diffusion
-==================  =====================  ===============  ===========  =================
+====================  =====================  ===============  ===========  =================
+name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   objectives
+====================  =====================  ===============  ===========  =================
+``ddpm``              ``n``                  ``T``            yes          diffusion
+``ddim``              ``n``                  50               yes          diffusion
+``dpm_solver++``      ``n`` (+1 if           20               no           diffusion
+                      ``denoise_final``)
+``dpm++2m``           as ``dpm_solver++``    20               no           diffusion
+``euler``             ``n``                  50               no           diffusion, flow
+``heun``              ``2n - 1``             25               no           diffusion, flow
+``euler_ancestral``   ``n``                  50               no           diffusion
+``pc``                ``n (M + 1)``          ``T``            yes          diffusion
+``ode``               adaptive, reported     (tolerances)     --           diffusion
+====================  =====================  ===============  ===========  =================
 
 For ``flow_matching`` models, ``euler`` and ``heun`` integrate the learned velocity with
 :func:`jaxdiff.flow.sample` (NFE ``n`` and ``2n``); they take no options there.
@@ -51,14 +51,14 @@ COMMON = ("num_steps", "prediction", "clip_x0")  # passed by the driver to every
 class Sampler:
     """A registry entry.
 
-    Attributes:
-      run: ``run(schedule, model_fn, x_T, key, *, [num_steps,] prediction, clip_x0, **options) -> (x0, nfe)``.
-      nfe_fn: ``nfe_fn(num_steps, **options)`` for fixed-step samplers; ``None`` for adaptive ones.
-      summary: one line for ``--help`` and the docs.
-      steps_up_to_T: ``num_steps`` may not exceed the schedule's ``T`` (samplers on the integer grid).
-      stochastic: draws noise at every step (some only for some option values, e.g. ``ddim`` with ``eta > 0``).
-      learned_variance: uses the model's learned-variance channels (``variance="learned_range"``).
-      objectives: the training objectives whose models it samples.
+    ``run(schedule, model_fn, x_T, key, *, [num_steps,] prediction, clip_x0, **options) -> (x0, nfe)``
+    runs the chain; ``nfe_fn(num_steps, **options)`` counts its network evaluations (``None``
+    for adaptive samplers); ``summary`` is one line for ``--help`` and the docs;
+    ``steps_up_to_T``: ``num_steps`` may not exceed the schedule's ``T`` (samplers on the
+    integer grid); ``stochastic``: draws noise at every step (some only for some option values,
+    e.g. ``ddim`` with ``eta > 0``); ``learned_variance``: uses the model's learned-variance
+    channels (``variance="learned_range"``); ``objectives``: the training objectives whose
+    models it samples.
     """
 
     run: Callable
@@ -80,8 +80,11 @@ class Sampler:
 
     @property
     def options(self) -> dict[str, Any]:
-        """Option name -> default: the keyword-only parameters of ``run`` other than :data:`COMMON`
-        (and other than those an alias fixes with ``functools.partial``)."""
+        """The sampler's options and their defaults.
+
+        They are the keyword-only parameters of ``run`` other than ``COMMON`` (and other than
+        those an alias fixes with ``functools.partial``).
+        """
         fixed = self.run.keywords if isinstance(self.run, functools.partial) else {}
         return {k: p.default for k, p in self._params.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in COMMON and k not in fixed}
@@ -92,7 +95,7 @@ class Sampler:
         return None if self.adaptive else self._params["num_steps"].default
 
 
-#: Every sampler by name: the one explicit registry (see the module docstring).
+#: Every sampler by name, the one explicit registry (see the module docstring).
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(ddpm.ddpm_loop, ddpm.ddpm_nfe, "ancestral sampling (Ho et al. 2020), respaced when n < T",
                     steps_up_to_T=True, stochastic=True, learned_variance=True),

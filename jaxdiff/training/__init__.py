@@ -7,7 +7,7 @@ clean stops on signals (:mod:`~jaxdiff.training.preemption`), and generating fro
 """
 
 from jaxdiff.training.evaluate import evaluate_workdir
-from jaxdiff.training.generate import generate, sample_images, sample_workdir
+from jaxdiff.training.generate import sample_images, sample_workdir
 from jaxdiff.training.loop import train_and_evaluate
 from jaxdiff.training.setup import Run, get_config, resolve
 from jaxdiff.training.state import TrainState, create_train_state, make_optimizer
@@ -15,6 +15,6 @@ from jaxdiff.training.step import train_step
 from jaxdiff.training.workdir import Workdir, load_workdir
 
 __all__ = [
-    "train_and_evaluate", "get_config", "resolve", "Run", "load_workdir", "Workdir", "generate", "sample_images",
+    "train_and_evaluate", "get_config", "resolve", "Run", "load_workdir", "Workdir", "sample_images",
     "sample_workdir", "evaluate_workdir", "train_step", "TrainState", "create_train_state", "make_optimizer",
 ]

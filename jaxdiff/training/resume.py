@@ -4,7 +4,7 @@ A workdir holds one run. Resuming it with a config that changes the model, the o
 the data would go on training the saved weights as something they are not, so the config saved
 with the checkpoint is compared with the current one before the first step:
 
-* the fields in :data:`CHANGEABLE_ON_RESUME` (the length of the run, intervals, the learning
+* the fields in ``CHANGEABLE_ON_RESUME`` (the length of the run, intervals, the learning
   rate, sampling, the parallel mode, ...) may change; the changes are logged and recorded;
 * every other field (everything under ``model``, ``diffusion`` and ``data`` except those listed,
   the ``seed``, ``train.global_batch_size``, ``train.label_dropout``, ``train.grad_clip`` and
