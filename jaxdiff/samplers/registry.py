@@ -22,10 +22,13 @@ name                NFE for ``n`` steps    default ``n``    ``n`` <= T   objecti
 ``euler_ancestral`` ``n``                  50               no           diffusion
 ``pc``              ``n (M + 1)``          ``T``            yes          diffusion
 ``ode``             adaptive, reported     (tolerances)     --           diffusion
+``edm``             ``2n - 1``             18               no           edm
 ==================  =====================  ===============  ===========  =================
 
 For ``flow_matching`` models, ``euler`` and ``heun`` integrate the learned velocity with
 :func:`jaxdiff.flow.sample` (NFE ``n`` and ``2n``); they take no options there.
+``edm`` (EDM Algorithm 2, :mod:`jaxdiff.samplers.edm_sampler`) samples ``objective="edm"`` models:
+its ``run`` takes the denoiser ``D(x, sigma)`` as ``model_fn`` and ignores ``schedule`` (``None``).
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ import functools
 import inspect
 from typing import Any, Callable, Mapping
 
-from jaxdiff.samplers import ddim, ddpm, dpm_solver, karras, ode, pc
+from jaxdiff.samplers import ddim, ddpm, dpm_solver, edm_sampler, karras, ode, pc
 
 __all__ = ["Sampler", "SAMPLERS", "OBJECTIVES", "COMMON", "get", "names", "check", "default_num_steps", "nfe"]
 
-OBJECTIVES = ("diffusion", "flow_matching")
+OBJECTIVES = ("diffusion", "flow_matching", "edm")
 COMMON = ("num_steps", "prediction", "clip_x0")  # passed by the driver to every sampler that takes them
 
 
@@ -106,6 +109,9 @@ SAMPLERS: dict[str, Sampler] = {
     "pc": Sampler(pc.predictor_corrector, pc.pc_nfe, "predictor-corrector with a Langevin corrector (score SDE)",
                   steps_up_to_T=True, stochastic=True),
     "ode": Sampler(ode.probability_flow, None, "the probability-flow ODE, adaptive (Tsit5); NFE reported"),
+    "edm": Sampler(edm_sampler.edm_sampler, edm_sampler.edm_nfe,
+                   "EDM Algorithm 2 (Heun + churn) on EDM's sigma grid, for edm models; NFE 2n - 1",
+                   stochastic=True, objectives=("edm",)),
 }
 
 
@@ -149,7 +155,7 @@ def check(name: str, *, objective: str = "diffusion", num_steps=None, num_timest
     if objective not in spec.objectives:
         raise ValueError(f"{prefix}sampler {name!r} does not sample {objective} models; "
                          f"use one of {names(objective)}")
-    allowed = tuple(spec.options) if objective == "diffusion" else ()
+    allowed = tuple(spec.options) if objective != "flow_matching" else ()
     bad = sorted(k for k in (options or {}) if k not in allowed)
     if bad:
         raise ValueError(f"sampler {name!r} does not take {', '.join(prefix + k for k in bad)}; "

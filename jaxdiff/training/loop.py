@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint
+from jaxdiff.training import checkpoint, phema
 from jaxdiff.training import images as imgs
 from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
@@ -79,7 +79,8 @@ def train_and_evaluate(config, workdir: str):
     root = jax.random.key(config.seed)
     k_init, k_train, k_sample = (jax.random.fold_in(root, i) for i in range(3))
 
-    host_state = jax.device_get(create_train_state(k_init, model, tx, run.image_shape, num_classes=num_classes))
+    host_state = jax.device_get(create_train_state(k_init, model, tx, run.image_shape, num_classes=num_classes,
+                                                   posthoc_sigma_rels=phema.sigma_rels(tr)))
     manager = checkpoint.open_manager(workdir, max_to_keep=tr.keep_checkpoints)
     host_state = _restore_or_init(config, manager, host_state)
     start = int(host_state.step)
@@ -91,14 +92,15 @@ def train_and_evaluate(config, workdir: str):
     step_fn = functools.partial(
         train_step, apply_fn=model.apply, tx=tx, schedule=schedule, prediction=df.prediction,
         weighting=df.weighting, min_snr_gamma=df.min_snr_gamma, learned_variance=df.learned_variance,
-        ema_decay=tr.ema_decay, num_classes=num_classes, label_dropout=tr.label_dropout, objective=df.objective)
+        ema_decay=tr.ema_decay, num_classes=num_classes, label_dropout=tr.label_dropout, objective=df.objective,
+        sigma_data=df.get("sigma_data", 0.5), p_mean=df.get("p_mean", -1.2), p_std=df.get("p_std", 1.2))
     p_step = par.compile_step(step_fn)
     state = par.put_state(host_state)
 
     sample_fn = jax.jit(functools.partial(
         generate, model.apply, schedule=schedule, image_shape=run.image_shape, sampler=sm.sampler,
         num_classes=num_classes, prediction=df.prediction, learned_variance=df.learned_variance,
-        clip_x0=sm.clip_x0, objective=df.objective))
+        clip_x0=sm.clip_x0, objective=df.objective, sigma_data=df.get("sigma_data", 0.5)))
     labels = imgs.grid_labels(sm.num_samples, num_classes)
 
     def write_samples(host_params, name: str):
@@ -149,6 +151,8 @@ def train_and_evaluate(config, workdir: str):
                     flush(done, bar)
                 if at_ckpt:
                     checkpoint.save(manager, done, par.get_state(state), config_dict)
+                if is_main and phema.is_due(tr, done):
+                    phema.save_snapshot(workdir, done, par.get_state(state.posthoc_ema))
                 if tr.sample_every and done % tr.sample_every == 0 and done != tr.num_steps:
                     write_samples(par.get_state(state).ema_params, f"step_{done:07d}")
         host_state = par.get_state(state)

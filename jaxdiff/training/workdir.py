@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import ml_collections
 
-from jaxdiff.training import checkpoint
+from jaxdiff.training import checkpoint, phema
 from jaxdiff.training.setup import Run, resolve
 from jaxdiff.training.state import create_train_state
 
@@ -28,8 +28,11 @@ class Workdir:
         return self.run.config
 
 
-def load_workdir(workdir: str) -> Workdir:
+def load_workdir(workdir: str, ema: float | None = None) -> Workdir:
     """Restores the latest checkpoint of ``workdir`` on the host (NumPy arrays).
+
+    ``ema``: a ``sigma_rel`` whose post-hoc EMA reconstruction (``scripts/posthoc_ema.py``,
+    :mod:`jaxdiff.training.phema`) replaces ``ema_params``; ``None``: the run's own EMA.
 
     ``FileNotFoundError`` if ``workdir`` holds no checkpoint. The config is the one saved with
     the checkpoint (locked, so a typo in a field name raises).
@@ -38,10 +41,12 @@ def load_workdir(workdir: str) -> Workdir:
     config.lock()
     run = resolve(config)
     target = jax.device_get(create_train_state(jax.random.key(0), run.model, run.tx, run.image_shape,
-                                               num_classes=run.num_classes))
+                                               num_classes=run.num_classes,
+                                               posthoc_sigma_rels=phema.sigma_rels(config.train)))
     manager = checkpoint.open_manager(workdir, async_save=False)
     try:
         state, _ = checkpoint.restore(manager, target)
     finally:
         manager.close()
-    return Workdir(run=run, step=int(state.step), params=state.params, ema_params=state.ema_params)
+    ema_params = state.ema_params if ema is None else phema.load_reconstruction(workdir, ema, state.params)
+    return Workdir(run=run, step=int(state.step), params=state.params, ema_params=ema_params)
