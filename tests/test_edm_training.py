@@ -19,6 +19,7 @@ from jaxdiff.training import loop, phema
 from jaxdiff.training.setup import validate_config
 from jaxdiff.training.state import TrainState
 from jaxdiff.training.step import example_keys, train_step
+
 from training_utils import tiny_config
 
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -1.2, 1.2
