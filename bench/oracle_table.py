@@ -40,6 +40,9 @@ CONFIGS = [
     ("dpm_solver++ (3M)", "dpm_solver++", {"order": 3}, lambda n: n),
     ("euler", "euler", {}, lambda n: n),
     ("heun", "heun", {}, lambda n: (n + 1) // 2),
+    # the Karras-grid samplers and dpm_solver++ start at sigma_max = 80 by default; these rows start at sigma_T
+    ("dpm_solver++ (2M), sigma_max = sigma_T", "dpm_solver++", {"sigma_max": None}, lambda n: n),
+    ("heun, sigma_max = sigma_T", "heun", {"sigma_max": None}, lambda n: (n + 1) // 2),
     ("euler_ancestral", "euler_ancestral", {}, lambda n: n),
     ("pc (M=1)", "pc", {}, lambda n: n // 2),
 ]
