@@ -48,6 +48,9 @@ CONFIGS = [
     ("dpm_solver++ (3M)", "dpm_solver++", {"order": 3}),
     ("euler", "euler", {}),
     ("heun", "heun", {}),
+    # the Karras-grid samplers and dpm_solver++ start at sigma_max = 80 by default; these rows start at sigma_T
+    ("dpm_solver++ (2M), sigma_max = sigma_T", "dpm_solver++", {"sigma_max": None}),
+    ("heun, sigma_max = sigma_T", "heun", {"sigma_max": None}),
     ("euler_ancestral", "euler_ancestral", {}),
     ("pc (M=1)", "pc", {}),
 ]

@@ -55,6 +55,9 @@ JAX_ROWS = [
     ("dpm_solver++ (3M, 3rd order to the end)", "dpm_solver++", {"order": 3, "lower_order_final": False}),
     ("euler", "euler", {}),
     ("heun", "heun", {}),
+    # diffusers' Karras sigmas span the schedule's whole range: sigma_max = None is the like-for-like row
+    ("heun, sigma_max = sigma_T", "heun", {"sigma_max": None}),
+    ("euler, sigma_max = sigma_T", "euler", {"sigma_max": None}),
     ("euler_ancestral", "euler_ancestral", {}),
     ("pc (M=1)", "pc", {}),
 ]

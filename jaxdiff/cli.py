@@ -15,13 +15,43 @@ from typing import Callable
 from absl import app, flags
 from absl import logging as absl_logging
 
-__all__ = ["run", "EXPECTED_ERRORS"]
+__all__ = ["run", "EXPECTED_ERRORS", "parse_options"]
 
 flags.DEFINE_bool("debug", False, "Show the Python traceback of an error instead of one line.")
 
 # Failures that a user can fix; anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                    PermissionError, FloatingPointError, OSError)
+
+
+def _parse_value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(pairs, flag: str = "--option") -> dict:
+    """``["name=value", ...]`` (a repeated flag) -> ``{name: value}``, values as int, float, bool or str.
+
+    ``ValueError`` naming ``flag`` for an entry without ``=`` or a repeated name. Whether the
+    names are options of the chosen sampler is for :func:`jaxdiff.samplers.registry.check` to say.
+    """
+    out = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{flag} must be name=value, got {pair!r}")
+        if name in out:
+            raise ValueError(f"{flag} {name} given twice")
+        out[name] = _parse_value(value)
+    return out
 
 
 def _quiet_logs() -> None:

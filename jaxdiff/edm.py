@@ -40,6 +40,7 @@ __all__ = [
     "c_out",
     "c_in",
     "c_noise",
+    "unet_time",
     "edm_coefficients",
     "vp_coefficients",
     "ve_coefficients",
@@ -86,6 +87,19 @@ def c_in(sigma, sigma_data=0.5):
 def c_noise(sigma):
     """EDM Table 1: ``c_noise = ln(sigma) / 4``."""
     return jnp.log(sigma) / 4.0
+
+
+def unet_time(c_noise_value):
+    """The UNet's time input for EDM's ``c_noise = ln(sigma) / 4``: ``t = 1000 (c_noise + 1.6) / 3``.
+
+    The UNet's sinusoidal time embedding is built for ``t`` in ``[0, 999]`` (DDPM timesteps); fed
+    ``c_noise`` itself (about ``[-1.6, 1.1]``), its lower frequencies would barely move. This fixed
+    affine map sends ``ln sigma`` in ``[-6.4, 5.6]`` (``sigma`` in ``[0.0017, 270]``) onto ``[0, 1000]``:
+    EDM's sampling range ``[0.002, 80]`` lands on ``[15, 898]`` and the central 99.7% of the
+    training distribution (``ln sigma ~ N(-1.2, 1.2^2)``) on ``[133, 733]``. The training step and
+    ``generate`` both call it, so the network sees the same scale in training and sampling.
+    """
+    return (1000.0 / 3.0) * (c_noise_value + 1.6)
 
 
 def edm_coefficients(sigma, sigma_data=0.5) -> Coefficients:

@@ -4,7 +4,10 @@
 
 Writes ``samples.npz`` (``images``: uint8 [N, H, W, C]; ``labels``: int32 [N] for a
 class-conditional model) and a PNG grid beside it (``samples.png``). The same seed gives the
-same output. ``--sampler``, ``--steps``, ``--eta`` and ``--guidance`` override the run's config.
+same output. ``--sampler``, ``--steps``, ``--eta`` and ``--guidance`` override the run's config;
+``--option name=value`` (repeatable) sets any option of the sampler (``jaxdiff.samplers.registry``),
+e.g. ``--option s_churn=40 --option sigma_max=80`` for ``edm``. ``--ema sigma_rel=0.1`` samples the
+post-hoc EMA reconstruction written by ``scripts/posthoc_ema.py``.
 Every flag and the output path are checked before sampling; an existing output (.npz or .png)
 is refused unless ``--overwrite`` is given.
 """
@@ -32,15 +35,19 @@ flags.DEFINE_float("eta", None, "The sampler's eta, for samplers that take one (
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w (1 = the conditional model).")
 flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output (and the .png beside it).")
+flags.DEFINE_multi_string("option", [], "A sampler option name=value (repeatable), e.g. s_churn=40.")
+flags.DEFINE_string("ema", None, "sigma_rel=S: use the post-hoc EMA reconstruction of S (scripts/posthoc_ema.py).")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
     from jaxdiff.training.generate import sample_workdir
+    from jaxdiff.training.phema import parse_ema
 
     path = sample_workdir(FLAGS.workdir, FLAGS.output, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                           sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
-                          guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite)
+                          guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite,
+                          options=cli.parse_options(FLAGS.option), ema=parse_ema(FLAGS.ema))
     print(f"wrote {path} and {os.path.splitext(path)[0]}.png")
 
 

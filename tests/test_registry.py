@@ -22,13 +22,14 @@ MIX = default_mixture(2)
 EXPECTED = {
     "ddpm": ({"variance"}, T, 6, {"diffusion"}),
     "ddim": ({"eta"}, min(50, T), 6, {"diffusion"}),
-    "dpm_solver++": ({"order", "spacing", "lower_order_final", "denoise_final"}, 20, 6, {"diffusion"}),
-    "dpm++2m": ({"spacing", "lower_order_final", "denoise_final"}, 20, 6, {"diffusion"}),
-    "euler": ({"rho"}, 50, 6, {"diffusion", "flow_matching"}),
-    "heun": ({"rho"}, 25, 11, {"diffusion", "flow_matching"}),
-    "euler_ancestral": ({"eta", "rho"}, 50, 6, {"diffusion"}),
+    "dpm_solver++": ({"order", "spacing", "lower_order_final", "denoise_final", "sigma_max"}, 20, 6, {"diffusion"}),
+    "dpm++2m": ({"spacing", "lower_order_final", "denoise_final", "sigma_max"}, 20, 6, {"diffusion"}),
+    "euler": ({"rho", "sigma_max"}, 50, 6, {"diffusion", "flow_matching"}),
+    "heun": ({"rho", "sigma_max"}, 25, 11, {"diffusion", "flow_matching"}),
+    "euler_ancestral": ({"eta", "rho", "sigma_max"}, 50, 6, {"diffusion"}),
     "pc": ({"num_corrector_steps", "snr", "variance"}, T, 12, {"diffusion"}),
     "ode": ({"rtol", "atol", "solver", "max_steps"}, None, None, {"diffusion"}),
+    "edm": ({"sigma_min", "sigma_max", "rho", "s_churn", "s_tmin", "s_tmax", "s_noise"}, 18, 11, {"edm"}),
 }
 
 
@@ -71,6 +72,8 @@ def test_check_names_the_argument_before_any_work():
         registry.check("ddim", objective="flow_matching")
     with pytest.raises(ValueError, match=r"does not take --eta"):
         registry.check("heun", options={"eta": 0.5}, prefix="--")
+    with pytest.raises(ValueError, match=r"does not sample diffusion models; use one of \('ddpm'"):
+        registry.check("edm")
     with pytest.raises(ValueError, match=r"does not take --eta.*no options"):
         registry.check("heun", objective="flow_matching", options={"eta": 0.0}, prefix="--")
     with pytest.raises(ValueError, match=r"num_steps must be in \[1, T=40\]"):

@@ -14,8 +14,11 @@ The first steps use the orders their history allows (1, then 2, ...); with
 ``lower_order_final`` (default) the last step is first order (and, for order 3, the one before
 it at most second order), as in the reference implementation.
 
-Grid (``n = num_steps`` steps, NFE = ``n``): ``n + 1`` points from ``t = T-1`` to ``t = 0``,
-uniform in log-SNR (``spacing="logsnr"``, default) or in ``t`` (``spacing="time"``); the network
+Grid (``n = num_steps`` steps, NFE = ``n``): ``n + 1`` points from ``t_max`` to ``t = 0``,
+uniform in log-SNR (``spacing="logsnr"``, default) or in ``t`` (``spacing="time"``); ``t_max`` is the
+time of the option ``sigma_max`` (default 80, clipped to the schedule's range; ``None``: ``t = T-1``),
+and the prior draw ``x_T`` is taken as the VP state there, as the Karras-grid samplers do
+(:mod:`jaxdiff.samplers.karras`: the approximation neglects ``var(x0) / (1 + sigma_max^2)``); the network
 is evaluated at the first ``n``, and the solution at ``t = 0`` is returned as
 ``x_0 / alpha_0 = x0 + sigma_0 eps`` (``sigma_0 = schedule.sigmas[0]``, 0.01 for the linear
 schedule) -- the reference implementation's ``denoise_to_zero=False``. ``denoise_final=True``
@@ -39,6 +42,7 @@ from jaxdiff.samplers.common import (
     steps_result,
     t_from_log_snr,
 )
+from jaxdiff.samplers.karras import clipped_sigma_max
 from jaxdiff.schedules import Schedule
 
 __all__ = ["dpm_solver_pp", "dpm_solver_nfe", "SPACINGS"]
@@ -51,20 +55,20 @@ def dpm_solver_nfe(num_steps, denoise_final: bool = False):
     return num_steps + int(denoise_final)
 
 
-def _log_snr_grid(schedule: Schedule, num_steps, i, spacing: str):
-    """``log_snr`` at grid point ``i`` of ``num_steps + 1`` (``i = 0``: ``t = T-1``; ``i = n``: ``t = 0``)."""
+def _log_snr_grid(schedule: Schedule, num_steps, i, spacing: str, sigma_max=None):
+    """``log_snr`` at point ``i`` of ``num_steps + 1`` (``i = 0``: ``sigma_max``, clipped; ``i = n``: ``t = 0``)."""
     T = schedule.num_timesteps
     frac = jnp.asarray(i, jnp.float32) / jnp.asarray(num_steps, jnp.float32)
+    lo, hi = -2.0 * jnp.log(clipped_sigma_max(schedule, sigma_max)), schedule.log_snr[0]
     if spacing == "logsnr":
-        lo, hi = schedule.log_snr[T - 1], schedule.log_snr[0]
         return lo + (hi - lo) * frac
-    t = (T - 1.0) * (1.0 - frac)
+    t = t_from_log_snr(schedule, lo) * (1.0 - frac)
     return jnp.interp(t, jnp.arange(T, dtype=jnp.float32), schedule.log_snr)
 
 
 def dpm_solver_pp(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=20, order: int = 2,
                   spacing: str = "logsnr", lower_order_final: bool = True, denoise_final: bool = False,
-                  prediction: str = "epsilon", clip_x0: bool = False):
+                  sigma_max=80.0, prediction: str = "epsilon", clip_x0: bool = False):
     """DPM-Solver++ (multistep, orders 1-3) from ``x_T`` (schedule coordinates at ``t = T-1``) to data.
 
     Args:
@@ -76,6 +80,7 @@ def dpm_solver_pp(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_
         before it for ``order=3``), as the reference implementation does for few steps.
       denoise_final: return the network's ``x0`` estimate at ``t = 0`` (one more NFE) instead of
         the solution at ``t = 0`` divided by ``alpha_0``.
+      sigma_max: the noise level the chain starts from (clipped to the schedule's; ``None``: ``t = T-1``).
     Returns ``(x [B, ...], nfe)``: ``x = x0 + sigma_0 eps`` (``sigma_0 = schedule.sigmas[0]``)
     in data coordinates, or the ``x0`` estimate with ``denoise_final``.
     """
@@ -95,8 +100,8 @@ def dpm_solver_pp(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_
 
     def body(i, carry):
         x, m1, m2, h1, h2 = carry  # the previous two x0 estimates and steps (in half log-SNR)
-        lam_s = _log_snr_grid(schedule, n, i, spacing)
-        lam_t = _log_snr_grid(schedule, n, i + 1, spacing)
+        lam_s = _log_snr_grid(schedule, n, i, spacing, sigma_max)
+        lam_t = _log_snr_grid(schedule, n, i + 1, spacing, sigma_max)
         x0, _ = denoise(x, jnp.full((b,), t_from_log_snr(schedule, lam_s)))
         _, sigma_s = alpha_sigma_from_log_snr(lam_s)
         alpha_t, sigma_t = alpha_sigma_from_log_snr(lam_t)

@@ -9,28 +9,7 @@ common ones (``num_steps``, ``prediction``, ``clip_x0``); their defaults are the
 defaults, read once here, so a sampler's options are written in exactly one place: its own
 signature. The same holds for the default number of steps (``None`` there means ``T``).
 
-====================  =====================  ===============  ===========  =================
-name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   objectives
-====================  =====================  ===============  ===========  =================
-``ddpm``              ``n``                  ``T``            yes          diffusion
-``ddim``              ``n``                  50               yes          diffusion
-``dpm_solver++``      ``n`` (+1 if           20               no           diffusion
-                      ``denoise_final``)
-``dpm++2m``           as ``dpm_solver++``    20               no           diffusion
-``euler``             ``n``                  50               no           diffusion, flow
-``heun``              ``2n - 1``             25               no           diffusion, flow
-``euler_ancestral``   ``n``                  50               no           diffusion
-``pc``                ``n (M + 1)``          ``T``            yes          diffusion
-``ode``               adaptive, reported     (tolerances)     --           diffusion
-====================  =====================  ===============  ===========  =================
-
-For ``flow_matching`` models, ``euler`` and ``heun`` integrate the learned velocity with
-:func:`jaxdiff.flow.sample` (NFE ``n`` and ``2n``); they take no options there.
-
-``n`` below 1: a concrete value raises ``ValueError`` (here and in every sampler); a traced one
-cannot be checked, and every fixed-step sampler then returns NaN samples and reports NFE 0
-(:func:`jaxdiff.samplers.common.steps_result`, the one place that implements it).
-"""
+====================  =====================  ===============  ===========  =========="""
 
 from __future__ import annotations
 
@@ -39,11 +18,11 @@ import functools
 import inspect
 from typing import Any, Callable, Mapping
 
-from jaxdiff.samplers import ddim, ddpm, dpm_solver, karras, ode, pc
+from jaxdiff.samplers import ddim, ddpm, dpm_solver, edm_sampler, karras, ode, pc
 
 __all__ = ["Sampler", "SAMPLERS", "OBJECTIVES", "COMMON", "get", "names", "check", "default_num_steps", "nfe"]
 
-OBJECTIVES = ("diffusion", "flow_matching")
+OBJECTIVES = ("diffusion", "flow_matching", "edm")
 COMMON = ("num_steps", "prediction", "clip_x0")  # passed by the driver to every sampler that takes them
 
 
@@ -114,6 +93,9 @@ SAMPLERS: dict[str, Sampler] = {
     "pc": Sampler(pc.predictor_corrector, pc.pc_nfe, "predictor-corrector with a Langevin corrector (score SDE)",
                   steps_up_to_T=True, stochastic=True),
     "ode": Sampler(ode.probability_flow, None, "the probability-flow ODE, adaptive (Tsit5); NFE reported"),
+    "edm": Sampler(edm_sampler.edm_sampler, edm_sampler.edm_nfe,
+                   "EDM Algorithm 2 (Heun + churn) on EDM's sigma grid, for edm models; NFE 2n - 1",
+                   stochastic=True, objectives=("edm",)),
 }
 
 
@@ -157,7 +139,7 @@ def check(name: str, *, objective: str = "diffusion", num_steps=None, num_timest
     if objective not in spec.objectives:
         raise ValueError(f"{prefix}sampler {name!r} does not sample {objective} models; "
                          f"use one of {names(objective)}")
-    allowed = tuple(spec.options) if objective == "diffusion" else ()
+    allowed = tuple(spec.options) if objective != "flow_matching" else ()
     bad = sorted(k for k in (options or {}) if k not in allowed)
     if bad:
         raise ValueError(f"sampler {name!r} does not take {', '.join(prefix + k for k in bad)}; "

@@ -62,7 +62,7 @@ def write_eval(workdir: str, result: dict) -> tuple[str, str | None]:
 
 
 def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int = 8, batch_size: int = 64,
-                     seed: int = 0, rtol: float = 1e-3, atol: float = 1e-3) -> dict:
+                     seed: int = 0, rtol: float = 1e-3, atol: float = 1e-3, ema: float | None = None) -> dict:
     """Bits/dim of the first ``num_examples`` training examples (data order of ``seed``) under the EMA model.
 
     * ``vlb_bpd``: the variational bound (``T`` network calls per batch), over ``num_examples``.
@@ -70,16 +70,19 @@ def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int 
       estimate and uniform dequantization, over the first ``ode_examples`` (adaptive solver;
       its NFE is reported).
 
-    A class-conditional model is evaluated unconditionally (the null label).
+    A class-conditional model is evaluated unconditionally (the null label). ``ema``: a ``sigma_rel``
+    whose post-hoc EMA reconstruction is evaluated instead of the run's EMA (``load_workdir``).
+    Only ``objective="diffusion"`` models have these likelihoods here (ValueError naming the objective).
     """
     if num_examples <= 0 or ode_examples < 0 or batch_size <= 0:
         raise ValueError(f"num_examples and batch_size must be positive and ode_examples >= 0, got "
                          f"{num_examples}, {batch_size}, {ode_examples}")
-    wd = load_workdir(workdir)
+    wd = load_workdir(workdir, ema=ema)
     run, config, params = wd.run, wd.config, wd.ema_params
     schedule, model, num_classes, image_shape = run.schedule, run.model, run.num_classes, run.image_shape
     if run.objective != "diffusion":
-        raise ValueError(f"{workdir} trained a {run.objective!r} model; eval needs a diffusion model")
+        raise ValueError(f"{workdir} trained an objective={run.objective!r} model: the variational bound and the "
+                         "PF-ODE bits/dim here need objective='diffusion' (a discrete schedule)")
     images = data.get_batch(run.source, 0, global_batch_size=num_examples, seed=seed,
                             image_size=config.data.image_size or None)["image"]
     c = image_shape[-1]

@@ -16,14 +16,14 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import checks, flow, guidance, samplers
+from jaxdiff import checks, edm, flow, guidance, samplers
 from jaxdiff.samplers import registry
 from jaxdiff.schedules import Schedule
 from jaxdiff.training import images as imgs
@@ -34,7 +34,8 @@ __all__ = ["generate", "sample_images", "sample_workdir"]
 
 def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_shape, *, sampler: str = "ddim",
              num_steps=50, eta=0.0, guidance_scale=1.0, num_classes: int | None = None, prediction: str = "epsilon",
-             learned_variance: bool = False, clip_x0: bool = True, objective: str = "diffusion") -> jax.Array:
+             learned_variance: bool = False, clip_x0: bool = True, objective: str = "diffusion",
+             sigma_data: float = 0.5, options: Mapping | None = None) -> jax.Array:
     """Samples ``[N, H, W, C]`` float images in about ``[-1, 1]``.
 
     Args:
@@ -50,11 +51,17 @@ def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_
         bound method of a module with a ``num_classes`` field (``UNet.apply``) the two must agree.
       learned_variance: the network outputs ``2C`` channels; samplers that use learned
         variances (``ddpm``) get them, the others the first ``C``.
+      objective: the model's training objective. For ``"edm"`` the UNet is the raw network ``F``
+        of the denoiser ``D = edm.precondition(F)`` (``sigma_data``, time input
+        :func:`jaxdiff.edm.unet_time`); guidance combines ``F``'s outputs, which is the same
+        affine combination of ``D``'s. ``schedule``, ``prediction`` and ``clip_x0`` are unused.
+      options: the sampler's own options (:mod:`jaxdiff.samplers.registry`), e.g. ``{"s_churn": 40.0}``
+        for ``edm``; ``eta`` fills in ``"eta"`` when the sampler takes it and ``options`` lacks it.
 
     Pure and jittable: wrap it in ``jax.jit`` with the strings and shapes bound (e.g. by
     ``functools.partial``); ``num_steps``, ``eta`` and ``guidance_scale`` may stay traced.
     """
-    spec = registry.check(sampler, objective=objective)
+    spec = registry.check(sampler, objective=objective, options=options)
     _check_conditioning(apply_fn, labels, num_classes, guidance_scale)
     checks.check_nonnegative(eta, "eta")
     c = image_shape[-1]
@@ -69,7 +76,14 @@ def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_
         model_fn = guidance.classifier_free_guidance(net, labels, num_classes, guidance_scale, guided_channels=c)
     if objective == "flow_matching":
         return flow.sample(flow.with_time_scale(model_fn), key, shape, method=sampler, num_steps=num_steps)
-    options = {"eta": eta} if "eta" in spec.options else {}
+    options = dict(options or {})
+    if "eta" in spec.options:
+        options.setdefault("eta", eta)
+    if objective == "edm":
+        denoiser = edm.precondition(lambda x, c: model_fn(x, edm.unet_time(c)), sigma_data=sigma_data)
+        k_init, k_steps = jax.random.split(key)
+        x_T = jax.random.normal(k_init, shape, jnp.float32)
+        return spec.run(None, denoiser, x_T, k_steps, num_steps=num_steps, **options)[0]
     if learned_variance and spec.learned_variance:
         options["variance"] = "learned_range"
     elif learned_variance:
@@ -126,7 +140,8 @@ def _check_counts(num_samples: int, batch_size: int) -> None:
 
 def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | None = None,
                   num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
-                  labels=None, batch_size: int = 256, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+                  labels=None, batch_size: int = 256, options: Mapping | None = None, ema: float | None = None,
+                  prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Samples a workdir's EMA model: ``(images uint8 [N, H, W, C], labels int32 [N])``, ready to display.
 
     Args:
@@ -137,14 +152,17 @@ def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | No
         raises before any work.
       labels: ``[N]`` class labels of a class-conditional model (default: the grid order
         ``0, 1, ..., 9, 0, ...`` of :func:`~jaxdiff.training.images.grid_labels`).
+      options: the sampler's own options (``scripts/sample.py --option name=value``).
+      ema: a ``sigma_rel`` whose post-hoc EMA reconstruction replaces the run's EMA (only when
+        ``workdir`` is a path; see :func:`~jaxdiff.training.workdir.load_workdir`).
     Deterministic in ``seed``: batch ``i`` uses ``fold_in(key(seed), i)``.
     """
     _check_counts(num_samples, batch_size)
-    wd = load_workdir(workdir) if isinstance(workdir, str) else workdir
+    wd = load_workdir(workdir, ema=ema) if isinstance(workdir, str) else workdir
     run, sm = wd.run, wd.config.sample
     sampler = sampler or sm.sampler
     registry.check(sampler, objective=run.objective, num_steps=num_steps, num_timesteps=run.schedule.num_timesteps,
-                   options={} if eta is None else {"eta": eta}, prefix=prefix)
+                   options={**(options or {}), **({} if eta is None else {"eta": eta})}, prefix=prefix)
     num_steps = sm.num_steps if num_steps is None else num_steps
     if guidance_scale is not None and run.num_classes is None:
         raise ValueError(f"{prefix}guidance: the model of this workdir is unconditional (no classifier-free guidance)")
@@ -156,7 +174,8 @@ def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | No
     fn = jax.jit(functools.partial(
         generate, run.model.apply, schedule=run.schedule, image_shape=run.image_shape, sampler=sampler,
         num_classes=run.num_classes, prediction=wd.config.diffusion.prediction,
-        learned_variance=wd.config.diffusion.learned_variance, clip_x0=sm.clip_x0, objective=run.objective))
+        learned_variance=wd.config.diffusion.learned_variance, clip_x0=sm.clip_x0, objective=run.objective,
+        sigma_data=wd.config.diffusion.get("sigma_data", 0.5), options=options))
     key = jax.random.key(seed)
     chunks = []
     for i, start in enumerate(tqdm(range(0, num_samples, batch_size), desc="sample", unit="batch")):
@@ -170,10 +189,13 @@ def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | No
 
 def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0, sampler: str | None = None,
                    num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
-                   batch_size: int = 256, overwrite: bool = False) -> str:
+                   batch_size: int = 256, overwrite: bool = False, options: Mapping | None = None,
+                   ema: float | None = None) -> str:
     """Writes ``output`` (.npz with uint8 ``images`` [N, H, W, C] and ``labels``) and a PNG grid beside it.
 
     ``sampler``, ``num_steps``, ``eta`` and ``guidance_scale`` override the run's ``config.sample``;
+    ``options`` are the sampler's own (``scripts/sample.py --option name=value``); ``ema``: a
+    ``sigma_rel`` whose post-hoc EMA reconstruction replaces the run's EMA (``load_workdir``);
     an override the run's model or sampler cannot use (``eta`` for a sampler without it or below 0,
     guidance for an unconditional model) is an error, raised before any work. So is an output
     that cannot be written (a directory, a folder without write permission) and, unless
@@ -184,9 +206,10 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
         raise ValueError(f"--eta must be >= 0, got {eta}")
     _check_counts(num_samples, batch_size)
     npz_path, png_path = _check_output(output, overwrite)
-    wd = load_workdir(workdir)
+    wd = load_workdir(workdir, ema=ema)
     images, labels = sample_images(wd, num_samples, seed=seed, sampler=sampler, num_steps=num_steps, eta=eta,
-                                   guidance_scale=guidance_scale, batch_size=batch_size, prefix="--")
+                                   guidance_scale=guidance_scale, batch_size=batch_size, options=options,
+                                   prefix="--")
     run = wd.run
     arrays = {"images": images}
     if run.num_classes is not None:

@@ -27,7 +27,7 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint, resume
+from jaxdiff.training import checkpoint, phema, resume
 from jaxdiff.training import images as imgs
 from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
@@ -135,7 +135,8 @@ def _train(config, workdir: str, stop: StopSignals):
     root = jax.random.key(config.seed)
     k_init, k_train, k_sample = (jax.random.fold_in(root, i) for i in range(3))
 
-    host_state = jax.device_get(create_train_state(k_init, model, tx, run.image_shape, num_classes=num_classes))
+    host_state = jax.device_get(create_train_state(k_init, model, tx, run.image_shape, num_classes=num_classes,
+                                                   posthoc_sigma_rels=phema.sigma_rels(tr)))
     manager = checkpoint.open_manager(workdir, max_to_keep=tr.keep_checkpoints)
     manager, host_state, changes = _restore_or_init(config, workdir, manager, host_state, par)
     start = int(host_state.step)
@@ -146,14 +147,15 @@ def _train(config, workdir: str, stop: StopSignals):
     step_fn = functools.partial(
         train_step, apply_fn=model.apply, tx=tx, schedule=schedule, prediction=df.prediction,
         weighting=df.weighting, min_snr_gamma=df.min_snr_gamma, learned_variance=df.learned_variance,
-        ema_decay=tr.ema_decay, num_classes=num_classes, label_dropout=tr.label_dropout, objective=df.objective)
+        ema_decay=tr.ema_decay, num_classes=num_classes, label_dropout=tr.label_dropout, objective=df.objective,
+        sigma_data=df.get("sigma_data", 0.5), p_mean=df.get("p_mean", -1.2), p_std=df.get("p_std", 1.2))
     p_step = par.compile_step(step_fn)
     state = par.put_state(host_state)
 
     sample_fn = jax.jit(functools.partial(
         generate, model.apply, schedule=schedule, image_shape=run.image_shape, sampler=sm.sampler,
         num_classes=num_classes, prediction=df.prediction, learned_variance=df.learned_variance,
-        clip_x0=sm.clip_x0, objective=df.objective))
+        clip_x0=sm.clip_x0, objective=df.objective, sigma_data=df.get("sigma_data", 0.5)))
     labels = imgs.grid_labels(sm.num_samples, num_classes)
 
     def write_samples(host_params, name: str):
@@ -210,6 +212,8 @@ def _train(config, workdir: str, stop: StopSignals):
                 if at_ckpt:
                     checkpoint.save(manager, done, par.get_state(state), config_dict)
                     saved = done
+                if is_main and phema.is_due(tr, done):
+                    phema.save_snapshot(workdir, done, par.get_state(state.posthoc_ema))
                 if stopping:
                     manager.wait_until_finished()
                     checkpoint.check_saves(manager, done)

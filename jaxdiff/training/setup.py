@@ -14,7 +14,7 @@ import os
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import data, schedules
+from jaxdiff import data, posthoc_ema, schedules
 from jaxdiff.diffusion import PREDICTIONS
 from jaxdiff.losses import WEIGHTINGS
 from jaxdiff.models import PRESETS, UNet, check_image_size, get_model
@@ -81,6 +81,20 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         _fail("diffusion.objective", df.objective, f"must be one of {OBJECTIVES}")
     if df.objective == "flow_matching" and df.learned_variance:
         _fail("diffusion.learned_variance", True, "flow matching has no variance to learn")
+    if df.objective == "edm":
+        if df.learned_variance:
+            _fail("diffusion.learned_variance", True, "an EDM denoiser has no variance to learn")
+        for name in ("sigma_data", "p_std"):
+            if not df[name] > 0:
+                _fail(f"diffusion.{name}", df[name], "must be positive")
+    phema = tr.get("posthoc_ema")
+    if phema is not None and len(phema.sigma_rels):
+        try:
+            posthoc_ema.sigma_rel_to_gamma(phema.sigma_rels)
+        except ValueError as error:
+            _fail("train.posthoc_ema.sigma_rels", phema.sigma_rels, str(error))
+        if not isinstance(phema.snapshot_every, int) or phema.snapshot_every <= 0:
+            _fail("train.posthoc_ema.snapshot_every", phema.snapshot_every, "must be a positive integer")
     if df.schedule not in SCHEDULES:
         _fail("diffusion.schedule", df.schedule, f"must be one of {SCHEDULES}")
     if df.num_timesteps <= 0:

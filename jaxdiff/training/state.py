@@ -1,4 +1,4 @@
-"""The train state: a pytree of (step, params, optimizer state, EMA params), and the optimizer."""
+"""The train state: a pytree of (step, params, optimizer state, EMA params[, post-hoc EMA]), and the optimizer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxdiff import posthoc_ema
 
 __all__ = ["TrainState", "make_optimizer", "create_train_state"]
 
@@ -20,6 +22,9 @@ class TrainState:
     params: Any  # the network's parameters
     opt_state: Any  # optax state of `make_optimizer`
     ema_params: Any  # exponential moving average of `params`
+    # Power-function EMAs of `params` for post-hoc EMA (EDM2): K extra float32 copies of the
+    # params (leaves [K, ...]); None (no leaves) when not tracked.
+    posthoc_ema: posthoc_ema.PowerEMAState | None = None
 
 
 def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, grad_clip: float | None = 1.0,
@@ -32,11 +37,15 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, grad_clip: fl
 
 
 def create_train_state(key: jax.Array, model, tx: optax.GradientTransformation, image_shape, *,
-                       num_classes: int | None = None) -> TrainState:
-    """Initialises the network on a dummy batch of one ``image_shape`` ``(H, W, C)`` image."""
+                       num_classes: int | None = None, posthoc_sigma_rels=()) -> TrainState:
+    """Initialises the network on a dummy batch of one ``image_shape`` ``(H, W, C)`` image.
+
+    ``posthoc_sigma_rels``: the ``sigma_rel`` of each power-function EMA to track (empty: none).
+    """
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = None if num_classes is None else jnp.zeros((1,), jnp.int32)
     params = model.init({"params": key}, x, t, y, train=False)["params"]
+    phema = posthoc_ema.init(params, posthoc_sigma_rels) if len(posthoc_sigma_rels) else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=jax.tree_util.tree_map(jnp.copy, params))
+                      ema_params=jax.tree_util.tree_map(jnp.copy, params), posthoc_ema=phema)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import flow, losses
+from jaxdiff import edm, flow, losses, posthoc_ema
 from jaxdiff.schedules import Schedule
 from jaxdiff.training.state import TrainState
 
@@ -33,7 +33,8 @@ def example_keys(root: jax.Array, step: jax.Array, index: jax.Array) -> jax.Arra
 def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn: Callable, tx: optax.GradientTransformation,
                schedule: Schedule, prediction: str = "epsilon", weighting: str = "uniform", min_snr_gamma: float = 5.0,
                learned_variance: bool = False, ema_decay: float = 0.9999, num_classes: int | None = None,
-               label_dropout: float = 0.0, objective: str = "diffusion",
+               label_dropout: float = 0.0, objective: str = "diffusion", sigma_data: float = 0.5,
+               p_mean: float = -1.2, p_std: float = 1.2,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step on a (local shard of a) global batch.
 
@@ -47,9 +48,12 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
         (classifier-free guidance training).
       objective: ``"diffusion"`` (:func:`jaxdiff.losses.diffusion_loss` on ``schedule``) or
         ``"flow_matching"`` (:func:`jaxdiff.flow.flow_matching_loss`, ``t ~ U[0, 1)`` fed to the
-        network as ``999 t``).
+        network as ``999 t``) or ``"edm"`` (:func:`jaxdiff.edm.edm_loss`: ``ln sigma ~ N(p_mean, p_std^2)``,
+        the network ``F`` preconditioned by :func:`jaxdiff.edm.precondition` with ``sigma_data`` and
+        fed ``t = edm.unet_time(c_noise)``; ``schedule`` is unused).
       axis_name: the mapped axis to average gradients and metrics over (``pmap``), or None when
         the batch is a global array (``jit`` with shardings).
+    The state's post-hoc EMA (``state.posthoc_ema``, if tracked) is updated after the optimizer step.
     Returns: the new state (the old one where the loss or a gradient is not finite) and metrics
       ``{"loss", "mse", "grad_norm", "finite"}`` averaged over the global batch.
     """
@@ -58,6 +62,8 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
     x0 = batch["image"]
     if objective == "flow_matching":
         t = jax.vmap(lambda k: jax.random.uniform(k, ()))(sub[:, 0])
+    elif objective == "edm":  # t is the noise level sigma
+        t = jax.vmap(lambda k: edm.log_normal_sigma(k, (), p_mean, p_std))(sub[:, 0])
     else:
         t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(sub[:, 0])
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(sub[:, 1])
@@ -76,6 +82,9 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
 
         if objective == "flow_matching":
             return flow.flow_matching_loss(flow.with_time_scale(model_fn), x0, root_key, t=t, noise=noise)
+        if objective == "edm":
+            denoiser = edm.precondition(lambda x, c: model_fn(x, edm.unet_time(c)), sigma_data=sigma_data)
+            return edm.edm_loss(denoiser, x0, root_key, sigma_data=sigma_data, sigma=t, noise=noise)
         return losses.diffusion_loss(schedule, model_fn, x0, root_key, prediction=prediction, weighting=weighting,
                                      min_snr_gamma=min_snr_gamma, learned_variance=learned_variance, t=t, noise=noise)
 
@@ -88,7 +97,10 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
     ema = jax.tree_util.tree_map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
     grad_norm = _tree_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    phema = state.posthoc_ema
+    if phema is not None:
+        phema = posthoc_ema.update(phema, params, state.step + 1)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, posthoc_ema=phema)
     # Never let a non-finite update into the state: keep the old values (step still advances
     # so the loop can report which step failed).
     new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))

@@ -8,7 +8,7 @@ import os
 import jax
 import ml_collections
 
-from jaxdiff.training import checkpoint
+from jaxdiff.training import checkpoint, phema
 from jaxdiff.training.setup import Run, resolve
 from jaxdiff.training.state import create_train_state
 
@@ -29,12 +29,15 @@ class Workdir:
         return self.run.config
 
 
-def load_workdir(workdir: str) -> Workdir:
+def load_workdir(workdir: str, ema: float | None = None) -> Workdir:
     """Restores the newest checkpoint of ``workdir`` that restores completely, on the host (NumPy arrays).
 
     Damaged newer checkpoints are skipped with a warning (see :func:`checkpoint.restore_newest`).
     ``FileNotFoundError`` if ``workdir`` holds no checkpoint, ``ValueError`` if none restores. The
     config is the one saved with the checkpoint (locked, so a typo in a field name raises).
+
+    ``ema``: a ``sigma_rel`` whose post-hoc EMA reconstruction (``scripts/posthoc_ema.py``,
+    :mod:`jaxdiff.training.phema`) replaces ``ema_params``; ``None``: the run's own EMA.
     """
     runs = {}
 
@@ -43,7 +46,8 @@ def load_workdir(workdir: str) -> Workdir:
         config.lock()
         runs["run"] = run = resolve(config)
         return jax.device_get(create_train_state(jax.random.key(0), run.model, run.tx, run.image_shape,
-                                                 num_classes=run.num_classes))
+                                                 num_classes=run.num_classes,
+                                                 posthoc_sigma_rels=phema.sigma_rels(config.train)))
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first")
@@ -52,4 +56,5 @@ def load_workdir(workdir: str) -> Workdir:
         step, state, _, _ = checkpoint.restore_newest(manager, target_for)
     finally:
         manager.close()
-    return Workdir(run=runs["run"], step=step, params=state.params, ema_params=state.ema_params)
+    ema_params = state.ema_params if ema is None else phema.load_reconstruction(workdir, ema, state.params)
+    return Workdir(run=runs["run"], step=step, params=state.params, ema_params=ema_params)

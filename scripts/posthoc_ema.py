@@ -1,0 +1,34 @@
+"""Reconstruct a post-hoc EMA (EDM2 sec. 3) of any width from a run's snapshots.
+
+    python scripts/posthoc_ema.py --workdir workdir/digits_edm --sigma_rel 0.08
+
+Needs a run trained with ``config.train.posthoc_ema.sigma_rels`` set (its snapshots are in
+``WORKDIR/posthoc_ema/``). Writes ``WORKDIR/posthoc_ema/ema_sigma_rel_0.08.safetensors``, which
+``scripts/sample.py --ema sigma_rel=0.08`` and ``scripts/eval.py --ema sigma_rel=0.08`` use.
+"""
+
+import os
+import sys
+
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxdiff import cli  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training workdir with post-hoc EMA snapshots.")
+flags.DEFINE_float("sigma_rel", None, "Relative standard deviation of the EMA profile to reconstruct (0 < S <= 0.28).")
+flags.DEFINE_integer("step", None, "Training step of the reconstruction (default: the last snapshot's).")
+flags.mark_flags_as_required(["workdir", "sigma_rel"])
+
+
+def main(argv):
+    from jaxdiff.training.phema import reconstruct_workdir
+
+    path = reconstruct_workdir(FLAGS.workdir, FLAGS.sigma_rel, step=FLAGS.step)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
