@@ -22,4 +22,5 @@ def get_config():
     config.train.sample_every = 1000
     config.sample.num_samples = 100
     config.sample.guidance = 2.0
+    config.eval.final_samples = 1000  # the digits FD of the final model (jaxdiff.training.quality)
     return config

@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint
+from jaxdiff.training import checkpoint, quality
 from jaxdiff.training import images as imgs
 from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
@@ -109,6 +109,7 @@ def train_and_evaluate(config, workdir: str):
                                ncols=num_classes or None)
 
     writer = MetricsWriter(workdir, enabled=is_main)
+    evaluator = quality.training_evaluator(config, run) if is_main else None  # config.eval; None when off
     pending: list = []
     last = {"time": time.time(), "step": start}
 
@@ -151,8 +152,12 @@ def train_and_evaluate(config, workdir: str):
                     checkpoint.save(manager, done, par.get_state(state), config_dict)
                 if tr.sample_every and done % tr.sample_every == 0 and done != tr.num_steps:
                     write_samples(par.get_state(state).ema_params, f"step_{done:07d}")
+                if evaluator and evaluator.due(done):
+                    writer.write(done, evaluator.evaluate(par.get_state(state).ema_params, evaluator.num_samples))
         host_state = par.get_state(state)
         write_samples(host_state.ema_params, "final")
+        if evaluator and evaluator.final_samples:
+            writer.write(int(host_state.step), evaluator.final(host_state.ema_params, int(host_state.step), workdir))
     finally:
         bar.close()
         manager.wait_until_finished()
