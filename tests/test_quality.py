@@ -134,17 +134,22 @@ def test_validate_config_checks_eval_settings(tmp_path):
     config.eval.every = 10
     config.eval.features = "inception"
     with pytest.raises(ValueError, match="config.eval.inception=''"):
-        validate_config(config)
+        validate_config(config, num_devices=1)
     config.eval.inception = str(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="missing.safetensors.*no such file"):
-        validate_config(config)
+        validate_config(config, num_devices=1)
+    validate_config(config)  # not a training run (a restored workdir): its files may be elsewhere
     config.eval.features = "digits"
     config.eval.inception = ""
     config.eval.ref_stats = str(tmp_path / "ref.npz")
     with pytest.raises(ValueError, match="config.eval.ref_stats=.*ref.npz.*no such file"):
-        validate_config(config)
+        validate_config(config, num_devices=1)
+    config.eval.ref_stats = ""
+    config.eval.steps = 5000  # more steps than the 100 timesteps of the tiny config
+    with pytest.raises(ValueError, match="config.eval."):
+        validate_config(config, num_devices=1)
     config.eval.every = 0  # off: the settings are not used
-    validate_config(config)
+    validate_config(config, num_devices=1)
 
 
 @pytest.mark.slow

@@ -104,11 +104,12 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     if md.dtype not in DTYPES:
         _fail("model.dtype", md.dtype, f"must be one of {DTYPES}")
     if config.get("eval") is not None:
-        _validate_eval(config.eval, df.objective, df.num_timesteps)
+        _validate_eval(config.eval, sm.sampler, df.objective, df.num_timesteps, files=num_devices is not None)
 
 
-def _validate_eval(ev, objective: str, num_timesteps: int) -> None:
-    """``config.eval`` (:mod:`jaxdiff.training.quality`): files must exist when an evaluation is on."""
+def _validate_eval(ev, sampler: str, objective: str, num_timesteps: int, *, files: bool) -> None:
+    """``config.eval`` (:mod:`jaxdiff.training.quality`) when an evaluation is on. ``files``: check that its
+    files exist (for a training run; a restored workdir may be sampled where they are absent)."""
     for name in ("every", "final_samples"):
         if not isinstance(ev[name], int) or ev[name] < 0:
             _fail(f"eval.{name}", ev[name], "must be an integer >= 0 (0: off)")
@@ -124,13 +125,13 @@ def _validate_eval(ev, objective: str, num_timesteps: int) -> None:
     if ev.features == "inception" and not ev.inception:
         _fail("eval.inception", ev.inception, "eval.features='inception' needs the FID Inception weights file")
     for name in ("inception", "ref_stats"):
-        if ev[name] and not os.path.isfile(ev[name]):
+        if files and ev[name] and not os.path.isfile(ev[name]):
             _fail(f"eval.{name}", ev[name], "no such file")
     if ev.steps < 0:
         _fail("eval.steps", ev.steps, "must be >= 0 (0: config.sample.num_steps)")
-    if ev.sampler:
-        registry.check(ev.sampler, objective=objective, num_steps=ev.steps or None, num_timesteps=num_timesteps,
-                       prefix="config.eval.")
+    if ev.sampler or ev.steps:
+        registry.check(ev.sampler or sampler, objective=objective, num_steps=ev.steps or None,
+                       num_timesteps=num_timesteps, prefix="config.eval.")
 
 
 def make_schedule(diffusion_config) -> schedules.Schedule:
