@@ -81,6 +81,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 64
     config.sample.clip_x0 = True
 
+    # Sample quality of the EMA model during and after training (jaxdiff.training.quality), logged as eval/*.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 0  # steps between evaluations; 0 = off
+    config.eval.num_samples = 1000  # samples per evaluation (published FIDs use 50,000: scripts/eval.py --fid)
+    config.eval.final_samples = 0  # samples of one evaluation after the last step (WORKDIR/eval_final.json); 0 = none
+    config.eval.sampler = ""  # "" = config.sample.sampler
+    config.eval.steps = 0  # 0 = config.sample.num_steps
+    config.eval.features = "digits"  # digits (offline, 8x8x1 images only) | inception (needs eval.inception)
+    config.eval.inception = ""  # FID Inception weights (.safetensors, python -m jaxdiff.metrics.convert_inception)
+    config.eval.ref_stats = ""  # .npz of python -m jaxdiff.metrics.stats; "" = the held-out digits / dataset images
+    config.eval.batch_size = 250
+
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "pmap"  # pmap | sharding
     return config

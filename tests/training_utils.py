@@ -30,6 +30,7 @@ def tiny_config(**train):
     config.train.sample_every = 0
     config.sample.num_steps = 2
     config.sample.num_samples = 10
+    config.eval.final_samples = 0  # tests of the sample-quality hook turn it on
     for k, v in train.items():
         config.train[k] = v
     return config
@@ -40,7 +41,7 @@ TINY_FLAGS = [
     "--config.model.attn_resolutions=(8,)", "--config.model.dropout=0.1",
     "--config.diffusion.num_timesteps=100", "--config.train.global_batch_size=16",
     "--config.train.warmup_steps=2", "--config.train.log_every=1", "--config.train.sample_every=0",
-    "--config.sample.num_steps=2", "--config.sample.num_samples=10",
+    "--config.sample.num_steps=2", "--config.sample.num_samples=10", "--config.eval.final_samples=0",
 ]
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint, phema, resume
+from jaxdiff.training import checkpoint, phema, quality, resume
 from jaxdiff.training import images as imgs
 from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
@@ -166,6 +166,7 @@ def _train(config, workdir: str, stop: StopSignals):
                                ncols=num_classes or None)
 
     writer = MetricsWriter(workdir, enabled=is_main, start=start)
+    evaluator = quality.training_evaluator(config, run) if is_main else None  # config.eval; None when off
     pending: list = []
     last = {"time": time.time(), "step": start}
 
@@ -220,8 +221,12 @@ def _train(config, workdir: str, stop: StopSignals):
                     raise Stopped(done, stop.signum or signal.SIGTERM)  # signum: None where another host got it
                 if tr.sample_every and done % tr.sample_every == 0 and done != tr.num_steps:
                     write_samples(par.get_state(state).ema_params, f"step_{done:07d}")
+                if evaluator and evaluator.due(done):
+                    writer.write(done, evaluator.evaluate(par.get_state(state).ema_params, evaluator.num_samples))
         host_state = par.get_state(state)
         write_samples(host_state.ema_params, "final")
+        if evaluator and evaluator.final_samples:
+            writer.write(int(host_state.step), evaluator.final(host_state.ema_params, int(host_state.step), workdir))
     finally:
         bar.close()
         manager.wait_until_finished()

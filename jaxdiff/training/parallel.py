@@ -119,3 +119,21 @@ class DataParallel:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(name)
+
+    # ------------------------------------------------------------------ inference
+    def put_replicated(self, tree):
+        """Host or device pytree -> a copy of it on every device of this object (for :meth:`compile_batched`)."""
+        return jax.device_put(tree, self._replicated)
+
+    def compile_batched(self, fn: Callable) -> Callable:
+        """``fn(params, *batch) -> outputs`` (every ``batch`` array and output ``[B, ...]``) -> a ``jax.jit``
+        of it with ``params`` replicated and the batch axis sharded over this object's devices, in either
+        mode. ``B`` must be a multiple of :attr:`num_devices`; the outputs are global arrays.
+        Single-process: the devices must all be this process's (e.g. ``jax.local_devices()``)."""
+        replicated, batch = self._replicated, self._batch_sharding
+        jitted = jax.jit(fn, out_shardings=batch)
+
+        def call(params, *args):
+            return jitted(jax.device_put(params, replicated), *jax.device_put(args, batch))
+
+        return call

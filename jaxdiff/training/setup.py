@@ -17,6 +17,7 @@ import optax
 from jaxdiff import data, posthoc_ema, schedules
 from jaxdiff.diffusion import PREDICTIONS
 from jaxdiff.losses import WEIGHTINGS
+from jaxdiff.metrics.stats import FEATURES
 from jaxdiff.models import PRESETS, UNet, check_image_size, get_model
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
@@ -118,6 +119,35 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         _fail("model.preset", md.preset, f"must be one of {tuple(PRESETS)}")
     if md.dtype not in DTYPES:
         _fail("model.dtype", md.dtype, f"must be one of {DTYPES}")
+    if config.get("eval") is not None:
+        _validate_eval(config.eval, sm.sampler, df.objective, df.num_timesteps, files=num_devices is not None)
+
+
+def _validate_eval(ev, sampler: str, objective: str, num_timesteps: int, *, files: bool) -> None:
+    """``config.eval`` (:mod:`jaxdiff.training.quality`) when an evaluation is on. ``files``: check that its
+    files exist (for a training run; a restored workdir may be sampled where they are absent)."""
+    for name in ("every", "final_samples"):
+        if not isinstance(ev[name], int) or ev[name] < 0:
+            _fail(f"eval.{name}", ev[name], "must be an integer >= 0 (0: off)")
+    if not (ev.every or ev.final_samples):
+        return
+    for name in ("num_samples", "final_samples"):
+        if ev[name] and ev[name] < 4:
+            _fail(f"eval.{name}", ev[name], "must be >= 4 (statistics, KID and precision/recall need samples)")
+    if ev.batch_size <= 0:
+        _fail("eval.batch_size", ev.batch_size, "must be positive")
+    if ev.features not in FEATURES:
+        _fail("eval.features", ev.features, f"must be one of {FEATURES}")
+    if ev.features == "inception" and not ev.inception:
+        _fail("eval.inception", ev.inception, "eval.features='inception' needs the FID Inception weights file")
+    for name in ("inception", "ref_stats"):
+        if files and ev[name] and not os.path.isfile(ev[name]):
+            _fail(f"eval.{name}", ev[name], "no such file")
+    if ev.steps < 0:
+        _fail("eval.steps", ev.steps, "must be >= 0 (0: config.sample.num_steps)")
+    if ev.sampler or ev.steps:
+        registry.check(ev.sampler or sampler, objective=objective, num_steps=ev.steps or None,
+                       num_timesteps=num_timesteps, prefix="config.eval.")
 
 
 def make_schedule(diffusion_config) -> schedules.Schedule:
@@ -163,6 +193,9 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     image_shape = (size, size, info.image_shape[2]) if size else tuple(info.image_shape)
     if None in image_shape:
         _fail("data.image_size", config.data.image_size, f"dataset {info.name!r} has images of varying size; set it")
+    ev = config.get("eval")
+    if ev is not None and (ev.every or ev.final_samples) and ev.features == "digits" and image_shape != (8, 8, 1):
+        _fail("eval.features", "digits", f"the digits network takes 8x8x1 images; this run makes {image_shape}")
     if config.model.class_conditional and info.num_classes is None:
         _fail("model.class_conditional", True, f"dataset {info.name!r} has no labels")
     num_classes = info.num_classes if config.model.class_conditional else None
