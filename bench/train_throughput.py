@@ -17,6 +17,7 @@ Commands (from the repository root)::
 
     python bench/train_throughput.py                      # cifar_small + digits, float32, CPU default
     python bench/train_throughput.py --quick              # smoke run
+    python bench/train_throughput.py --before --no-conv   # against the earlier per-example apply
     # accelerators (no torch; the DDPM CIFAR-10 model, batch 128, both dtypes):
     python bench/train_throughput.py --configs ddpm_cifar10 --dtypes float32,bfloat16 --no-torch
 
@@ -229,6 +230,8 @@ def main():
     p.add_argument("--dtypes", default="float32", help="jaxdiff compute dtypes, e.g. float32,bfloat16")
     p.add_argument("--no-torch", action="store_true", help="jaxdiff only (e.g. on an accelerator)")
     p.add_argument("--no-conv", action="store_true", help="skip the conv attribution table")
+    p.add_argument("--before", action="store_true",
+                   help="also time the earlier train step, which applied the UNet per example (vmap)")
     bu.add_torch_threads_option(p)
     args = p.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
@@ -247,6 +250,11 @@ def main():
             label = f"jaxdiff {dtype}"
             bu.eprint(f"[{name}] compiling {label} ...")
             cases[label], infos[label] = jax_train_step(cfg, batch, dtype=dtype)
+        if args.before:  # speed_options.variant_train_step's default is that step
+            import speed_options
+
+            label = "jaxdiff float32, per-example apply (before)"
+            cases[label], infos[label] = jax_train_step(cfg, batch, step_fn=speed_options.variant_train_step)
         if with_torch:
             run, info = torch_train_step(cfg, batch)
             for n in threads:
