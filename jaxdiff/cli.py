@@ -1,23 +1,33 @@
-"""What the scripts share: quiet third-party logs and one-line ``error: ...`` messages.
+"""What the scripts share: quiet third-party logs, one-line ``error: ...`` messages and a
+persistent compilation cache.
 
 A script's ``main`` is wrapped by :func:`run`: expected failures (bad flags, settings, files;
 a non-finite loss) print ``error: MESSAGE`` on stderr and exit 1, unless ``--debug`` asks for
 the traceback. Third-party INFO logs (orbax writes dozens per checkpoint) are off unless
 ``--verbosity`` is given.
+
+Compiled programs (the train step, the samplers) are kept in a persistent XLA cache, so a
+machine compiles them once: ``--compilation_cache DIR`` (default ``$JAX_COMPILATION_CACHE_DIR``
+if set, else ``$XDG_CACHE_HOME/jaxdiff/xla``, i.e. ``~/.cache/jaxdiff/xla``);
+``--compilation_cache=`` turns it off.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-__all__ = ["run", "EXPECTED_ERRORS", "parse_options"]
+__all__ = ["run", "EXPECTED_ERRORS", "parse_options", "default_compilation_cache", "enable_compilation_cache"]
 
 flags.DEFINE_bool("debug", False, "Show the Python traceback of an error instead of one line.")
+flags.DEFINE_string("compilation_cache", None,
+                    "Directory of the persistent XLA compilation cache (default: $JAX_COMPILATION_CACHE_DIR, "
+                    "else $XDG_CACHE_HOME/jaxdiff/xla or ~/.cache/jaxdiff/xla); an empty value turns it off.")
 
 # Failures that a user can fix; anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
@@ -61,14 +71,51 @@ def _quiet_logs() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def default_compilation_cache() -> str:
+    """``$JAX_COMPILATION_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/jaxdiff/xla`` (``~/.cache/jaxdiff/xla``)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxdiff", "xla")
+
+
+def enable_compilation_cache(path: str | None) -> str | None:
+    """Point JAX's persistent compilation cache at ``path`` (created if missing); ``""`` turns it off.
+
+    ``None`` means :func:`default_compilation_cache`; a default directory that cannot be created
+    only disables the cache, one given explicitly raises ``ValueError``. Call it before the
+    first compilation. Returns the directory in use, or None.
+    """
+    import jax
+
+    explicit = path is not None
+    if path is None:
+        path = default_compilation_cache()
+    if not path:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        if explicit:
+            raise ValueError(f"--compilation_cache: cannot create the directory {path!r}: {error}") from error
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    """``absl.app.run(main)`` with quiet logs and ``error: ...`` lines for expected failures."""
+    """``absl.app.run(main)`` with quiet logs, the compilation cache and ``error: ...`` lines for expected failures."""
 
     def wrapped(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         _quiet_logs()
         try:
+            enable_compilation_cache(flags.FLAGS.compilation_cache)
             main(argv)
         except EXPECTED_ERRORS as error:
             if flags.FLAGS.debug:

@@ -8,6 +8,7 @@ while its parameters stay float32. Layer names follow the reference code
 from __future__ import annotations
 
 import math
+import zlib
 from functools import partial
 
 import flax.linen as nn
@@ -19,6 +20,8 @@ __all__ = [
     "Downsample",
     "ResBlock",
     "Upsample",
+    "dropout_salt",
+    "example_dropout",
     "group_norm",
     "num_groups",
     "timestep_embedding",
@@ -84,6 +87,37 @@ def group_norm(
     return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
+def dropout_salt(name: str) -> int:
+    """The integer a layer folds into each example's key for its mask: CRC-32 of ``name``, 31 bits."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def example_dropout(x: jax.Array, rate: float, keys: jax.Array, salt: int) -> jax.Array:
+    """Inverted dropout whose mask for example ``b`` depends on ``keys[b]`` alone.
+
+    ``out[b] = x[b] * m_b / (1 - rate)`` with ``m_b ~ Bernoulli(1 - rate)`` of shape ``x.shape[1:]``
+    drawn by ``jax.random.bernoulli(fold_in(keys[b], salt), 1 - rate, x.shape[1:])``. So the mask
+    of an example does not depend on which other examples share the batch (or the device), and
+    the network can be applied to the whole batch at once.
+
+    Args:
+      x: ``[B, ...]`` activations. rate: drop probability in ``[0, 1]``.
+      keys: ``[B]`` typed PRNG keys, one per example. salt: the layer's integer (:func:`dropout_salt`).
+    Returns: ``[B, ...]`` of ``x``'s dtype.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"example_dropout: rate must be in [0, 1], got {rate}")
+    if keys.shape != x.shape[:1]:
+        raise ValueError(f"example_dropout: keys must have shape [B]=({x.shape[0]},), got {keys.shape}")
+    if rate == 0.0:
+        return x
+    if rate == 1.0:
+        return jnp.zeros_like(x)
+    keep = 1.0 - rate
+    mask = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), keep, x.shape[1:]))(keys)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
 def _conv3x3(features: int, dtype: jnp.dtype, name: str, zero_init: bool = False) -> nn.Conv:
     kernel_init = nn.initializers.zeros if zero_init else nn.linear.default_kernel_init
     return nn.Conv(
@@ -96,7 +130,10 @@ class ResBlock(nn.Module):
 
     ``x -> GN -> SiLU -> Conv3x3 -> (+ Dense(SiLU(temb)))  -> GN -> SiLU -> Dropout -> Conv3x3``
     with the last conv zero-initialised, plus a skip path (a 1x1 conv when the channel count
-    changes). With ``scale_shift=True`` the embedding instead modulates the second norm
+    changes). ``dropout_keys`` (``[B]`` typed keys), when given with ``train``, draws each
+    example's mask from its own key (:func:`example_dropout`, salt :func:`dropout_salt` of the
+    block's name) instead of from the module's ``"dropout"`` rng.
+    With ``scale_shift=True`` the embedding instead modulates the second norm
     (Nichol & Dhariwal 2021): ``GN(h) * (1 + scale) + shift``. ``norm_groups`` / ``norm_eps``
     set every GroupNorm's groups (default: :func:`num_groups`) and epsilon.
     """
@@ -109,8 +146,11 @@ class ResBlock(nn.Module):
     norm_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
-        """``x``: ``[B, H, W, C_in]``; ``temb``: ``[B, E]``. Returns ``[B, H, W, out_ch]``."""
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False,
+                 dropout_keys: jax.Array | None = None) -> jax.Array:
+        """``x``: ``[B, H, W, C_in]``; ``temb``: ``[B, E]``; ``dropout_keys``: ``[B]`` or None.
+
+        Returns ``[B, H, W, out_ch]``."""
         c_in = x.shape[-1]
         gn = partial(group_norm, dtype=self.dtype, groups=self.norm_groups, eps=self.norm_eps)
         h = nn.silu(gn(c_in, name="norm1")(x))
@@ -124,7 +164,10 @@ class ResBlock(nn.Module):
         else:
             h = gn(self.out_ch, name="norm2")(h + emb)
         h = nn.silu(h)
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        if train and dropout_keys is not None:
+            h = example_dropout(h, self.dropout, dropout_keys, dropout_salt(self.name))
+        else:
+            h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv3x3(self.out_ch, self.dtype, "conv2", zero_init=True)(h)
         if c_in != self.out_ch:
             x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)

@@ -70,6 +70,11 @@ class UNet(nn.Module):
     ``num_classes`` gives a NaN output and a negative one wraps around (``-1`` is the null label).
     ``dtype`` is the computation dtype (parameters stay float32; the output is float32);
     ``remat`` recomputes each ResBlock's activations on the backward pass.
+    ``dropout_keys`` (``[B]`` typed keys, with ``train=True``) draws each example's dropout
+    masks from its own key (see :class:`~jaxdiff.models.layers.ResBlock`), so that a batch gives
+    every example the output it would get alone: the train step applies the whole batch at once
+    and its result still does not depend on how the batch is split over devices. Without them
+    dropout uses the ``"dropout"`` rng as usual.
 
     As in the reference code, each ResBlock projects ``SiLU(temb)``; GroupNorm uses 32 groups,
     fewer for layers narrower than 64 channels (see :func:`jaxdiff.models.layers.num_groups`).
@@ -124,12 +129,15 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False,
+        dropout_keys: jax.Array | None = None,
     ) -> jax.Array:
-        """Predict from ``x [B, H, W, C]``, ``t [B]`` (int or float), ``y [B]`` int labels."""
+        """Predict from ``x [B, H, W, C]``, ``t [B]`` (int or float), ``y [B]`` int labels, ``dropout_keys [B]``."""
         x, t = jnp.asarray(x), jnp.asarray(t)
         y = None if y is None else jnp.asarray(y)
         self._check_inputs(x, t, y)
+        if dropout_keys is not None and dropout_keys.shape != (x.shape[0],):
+            raise ValueError(f"UNet: dropout_keys must have shape [B]=({x.shape[0]},), got {dropout_keys.shape}")
         dt = self.dtype
         emb_dim = 4 * self.ch
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
@@ -138,7 +146,7 @@ class UNet(nn.Module):
 
         def res_block(h, out_ch, name):
             block = block_cls(out_ch, self.dropout, self.scale_shift, dt, **norm, name=name)
-            return block(h, temb, train)
+            return block(h, temb, train, dropout_keys)
 
         def attn(h, name, use_norm=True):
             return AttnBlock(self.num_heads, dt, **norm, head_dim=self.head_dim, use_norm=use_norm, name=name)(h)

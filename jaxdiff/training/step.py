@@ -42,8 +42,9 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
       state: the train state. batch: ``image`` ``[B, H, W, C]`` in [-1, 1], ``index`` ``[B]`` int
         global positions in the global batch, and ``label`` ``[B]`` when conditional.
       root_key: the run's root key (from the seed).
-      apply_fn: ``apply_fn({"params": p}, x, t, y, train=True, rngs={"dropout": k})`` (a Flax
-        module's ``apply``).
+      apply_fn: ``apply_fn({"params": p}, x, t, y, train=True, dropout_keys=keys)`` (a Flax
+        module's ``apply``, e.g. :class:`jaxdiff.models.UNet`'s) with ``keys`` ``[B]``: each
+        example's dropout masks must depend on its own key alone.
       label_dropout: probability of replacing a label by the null label ``num_classes``
         (classifier-free guidance training).
       objective: ``"diffusion"`` (:func:`jaxdiff.losses.diffusion_loss` on ``schedule``) or
@@ -73,12 +74,8 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
         y = jnp.where(drop, num_classes, batch["label"])
 
     def loss_fn(params):
-        def one(x, tt, yy, k):  # one example, its own dropout key
-            yy = None if yy is None else yy[None]
-            return apply_fn({"params": params}, x[None], tt[None], yy, train=True, rngs={"dropout": k})[0]
-
-        def model_fn(x_t, tt):
-            return jax.vmap(one, in_axes=(0, 0, None if y is None else 0, 0))(x_t, tt, y, sub[:, 2])
+        def model_fn(x_t, tt):  # the whole batch; each example's dropout masks from its own key
+            return apply_fn({"params": params}, x_t, tt, y, train=True, dropout_keys=sub[:, 2])
 
         if objective == "flow_matching":
             return flow.flow_matching_loss(flow.with_time_scale(model_fn), x0, root_key, t=t, noise=noise)
