@@ -173,7 +173,7 @@ def test_list_x0_is_converted():
 
 # --------------------------------------------------------------------------- traced values: the documented rules
 
-FIXED_STEP = [name for name, spec in registry.SAMPLERS.items() if not spec.adaptive]
+FIXED_STEP = [name for name, spec in registry.SAMPLERS.items() if not spec.adaptive and "diffusion" in spec.objectives]
 # NFE for n = 2 steps, from the registry's table (pc with its default M = 1 corrector step).
 NFE_AT_2 = {"ddpm": 2, "ddim": 2, "dpm_solver++": 2, "dpm++2m": 2, "euler": 2, "heun": 3, "euler_ancestral": 2,
             "pc": 4}
@@ -192,6 +192,18 @@ def test_traced_num_steps_below_one_gives_nan_and_zero_nfe(name):
         assert int(info["nfe"]) == 0
     x, info = run(2)  # a valid traced count is untouched
     assert np.all(np.isfinite(np.asarray(x))) and int(info["nfe"]) == NFE_AT_2[name]
+
+
+def test_traced_num_steps_below_one_gives_nan_and_zero_nfe_for_edm():
+    """The EDM sampler (a denoiser, no schedule) follows the same rule; NFE 2n - 1 otherwise."""
+    run_edm = registry.SAMPLERS["edm"].run
+    denoiser = lambda x, sigma: x * (0.25 / (0.25 + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2))  # noqa: E731
+    run = jax.jit(lambda n: run_edm(None, denoiser, X, KEY, num_steps=n))
+    for n in (0, -3):
+        x, nfe = run(n)
+        assert np.all(np.isnan(np.asarray(x))) and int(nfe) == 0
+    x, nfe = run(2)
+    assert np.all(np.isfinite(np.asarray(x))) and int(nfe) == 3
 
 
 @pytest.mark.parametrize("method, nfe_at_2", [("euler", 2), ("heun", 4)])

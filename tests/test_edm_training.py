@@ -25,7 +25,7 @@ from training_utils import tiny_config
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -1.2, 1.2
 
 
-def _toy_apply(variables, x, t, y, train=True, rngs=None):
+def _toy_apply(variables, x, t, y, train=True, rngs=None, dropout_keys=None):
     """A linear 'network' F(x, t) = a x + c t / 1000 (``t`` the UNet time input)."""
     p = variables["params"]
     return p["a"] * x + p["c"] * (t / 1000.0).reshape(t.shape + (1,) * (x.ndim - 1))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 from jaxdiff import edm
-from jaxdiff.samplers.common import check_num_steps
+from jaxdiff.samplers.common import check_num_steps, steps_result
 
 __all__ = ["edm_sampler", "edm_nfe", "MAX_STEPS"]
 
@@ -46,4 +46,4 @@ def edm_sampler(schedule, model_fn: Callable, x_T, key=None, *, num_steps=18, si
     x = jnp.asarray(sigma_max, jnp.float32) * jnp.asarray(x_T, jnp.float32)
     out, info = edm.sample_with_info(model_fn, x, sigmas, key, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
                                      s_noise=s_noise)
-    return out, info["nfe"]
+    return steps_result(num_steps, out, info["nfe"])
