@@ -33,14 +33,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import bench_utils as bu
 from oracle_table import metrics
 
 from jaxdiff import edm
 from jaxdiff.oracle import default_mixture
 from jaxdiff.samplers import sample_with_info, spaced_timesteps
 from jaxdiff.schedules import linear_schedule
+
+import bench_utils as bu
 
 BUDGETS = (10, 20, 35)
 MAX_STEPS = 128
@@ -118,7 +118,7 @@ def main():
             print(f"{label:42s} NFE {int(info['nfe']):3d}  mmd2x1e4 {rows[-1]['mmd2_x1e4']:9.2f}  rms {rms:.4f}",
                   flush=True)
 
-    fmt = lambda r: f"{r['mmd2_x1e4']:.2f} / {r['sw2']:.3f} / {r['nll_gap']:+.3f} / {r['rms_to_pf_map']:.3f}"  # noqa: E731
+    fmt = lambda r: f"{r['mmd2_x1e4']:.2f} / {r['sw2']:.3f} / {r['nll_gap']:+.3f} / {r['rms_to_pf_map']:.3f}"
     table = [["exact samples"] + [fmt(rows[0])] * len(BUDGETS)]
     for label, *_ in configs:
         cells = [label]

@@ -23,8 +23,9 @@ Writes ``bench/results/inception_speed.json``.
 
 from __future__ import annotations
 
-import bench_utils as bu
 import numpy as np
+
+import bench_utils as bu
 
 
 def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:

@@ -240,7 +240,10 @@ def x0_eps_from_v(schedule: Schedule, x_t, t, v):
 
 
 def score_from_eps(schedule: Schedule, t, eps):
-    """Score of the marginal of ``x_t`` in the schedule's coordinates: ``-eps / sqrt(1 - abar)`` (VP), ``-eps / sigma_t`` (VE)."""
+    """Score of the marginal of ``x_t`` in the schedule's coordinates.
+
+    ``-eps / sqrt(1 - abar)`` (VP), ``-eps / sigma_t`` (VE).
+    """
     _, s = alpha_sigma(schedule, t)
     return -eps / _bcast(s / _vp_scale(schedule, t), eps)
 
@@ -352,7 +355,8 @@ def p_mean_variance(schedule: Schedule, model_output, x_t, t, *, prediction: str
     """The reverse model ``p(x_{t-1} | x_t)``: ``(mean, variance, log_variance, x0_hat, eps_hat)``.
 
     ``model_output`` is ``[B, ..., C]`` or, for ``variance="learned_range"``, ``[B, ..., 2C]``
-    (see :func:`~jaxdiff.diffusion.split_variance_output` and :func:`~jaxdiff.diffusion.model_log_variance`). ``fixed_large`` uses
+    (see :func:`~jaxdiff.diffusion.split_variance_output` and
+    :func:`~jaxdiff.diffusion.model_log_variance`). ``fixed_large`` uses
     ``beta_t``, with ``beta-tilde_1`` at ``t = 0`` as Ho et al.'s code; ``learned_range``
     interpolates towards ``log beta_t`` at every ``t``, ``t = 0`` included (Nichol & Dhariwal's
     code). Means and variances are in the schedule's coordinates at ``t - 1``; all arrays are

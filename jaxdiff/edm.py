@@ -25,7 +25,8 @@ changing ``n`` (up to 256) or the churn settings does not recompile.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -23,7 +23,7 @@ every fixed-step sampler (:func:`jaxdiff.samplers.common.steps_result`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

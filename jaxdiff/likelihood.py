@@ -37,7 +37,7 @@ and averages the per-example bits/dim.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ def _divergence_fn(f: Callable, trace: str, probe: jax.Array | None):
     """``div(lam, x) -> (f(lam, x) [B, ...], div_x f [B])`` for a per-example ``f``."""
 
     def div(lam, x):
-        g = lambda y: f(lam, y)  # noqa: E731
+        g = lambda y: f(lam, y)
         if trace == "hutchinson":
             fx, jz = jax.jvp(g, (x,), (probe,))
             return fx, jnp.sum((probe * jz).reshape(x.shape[0], -1), axis=-1)

@@ -11,7 +11,7 @@ Salimans & Ho 2022 (v-prediction).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +112,8 @@ def diffusion_loss(
 
     With ``learned_variance=True`` the network outputs ``2C`` channels and the hybrid objective
     of Nichol & Dhariwal is used: ``L_simple + vlb_weight * T * L_{t-1}`` (the VLB term in
-    bits/dim, as in their code, so ``vlb_weight = 0.001`` is their lambda; computed with a stop-gradient on the mean, so it trains the variance only).
+    bits/dim, as in their code, so ``vlb_weight = 0.001`` is their lambda; computed with a
+    stop-gradient on the mean, so it trains the variance only).
 
     Args:
       x0: ``[B, ...]`` clean data (a nested list is converted). key: a PRNG key.

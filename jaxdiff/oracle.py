@@ -10,7 +10,7 @@ Shapes: data points are vectors ``[B, D]``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -33,7 +33,7 @@ class GaussianMixture:
     labels: jax.Array  # [K] int class of each component (for conditional oracles)
 
     @classmethod
-    def create(cls, weights, means, covs, labels: Sequence[int] | None = None) -> "GaussianMixture":
+    def create(cls, weights, means, covs, labels: Sequence[int] | None = None) -> GaussianMixture:
         weights = np.asarray(weights, np.float64)
         means = np.asarray(means, np.float64)
         covs = np.asarray(covs, np.float64)
@@ -43,7 +43,7 @@ class GaussianMixture:
         if not np.isclose(weights.sum(), 1.0) or np.any(weights <= 0):
             raise ValueError(f"weights must be positive and sum to 1, got {weights}")
         labels = np.arange(k) if labels is None else np.asarray(labels)
-        f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+        f32 = lambda a: jnp.asarray(a, jnp.float32)
         return cls(f32(weights), f32(means), f32(covs), jnp.asarray(labels, jnp.int32))
 
     @property
@@ -100,7 +100,10 @@ class GaussianMixture:
         return self.conditional_model_fn(schedule, prediction, labels=None)
 
     def conditional_model_fn(self, schedule: Schedule, prediction: str = "epsilon", labels=None, null_label=None):
-        """Like :meth:`model_fn` for ``f(x_t, t, y)``: the components of class ``y[b]``; ``y == null_label`` is unconditional."""
+        """Like :meth:`model_fn` for ``f(x_t, t, y)``: the components of class ``y[b]``.
+
+        ``y == null_label`` is the unconditional model.
+        """
         d.check_prediction(prediction)
 
         def eps_of(x_t, t, y):

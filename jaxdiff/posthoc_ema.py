@@ -27,7 +27,8 @@ counts and exponents); the combination of the snapshot pytrees is a JAX function
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax

@@ -97,7 +97,7 @@ def schedule_from_betas(betas, *, kind: str = "vp") -> Schedule:
     post_logvar = np.log(np.concatenate([post_var[1:2], post_var[1:]])) if len(betas) > 1 else (
         np.log(betas)
     )
-    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
     return Schedule(
         betas=f32(betas),
         alphas=f32(alphas),
@@ -164,7 +164,7 @@ def sigmoid_schedule(
         raise ValueError(f"start must be below end, got start={start}, end={end}")
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
-    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))
     steps = np.arange(T + 1, dtype=np.float64) / T
     v_start, v_end = sig(start / tau), sig(end / tau)
     abar = (v_end - sig((steps * (end - start) + start) / tau)) / (v_end - v_start)

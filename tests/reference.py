@@ -33,7 +33,7 @@ def linear_betas(T, beta_start=1e-4, beta_end=0.02):
 
 def cosine_abar(u, T, s=0.008):
     """Nichol & Dhariwal eq. 17: ``abar(u) = f(u) / f(0)``, ``f(u) = cos^2((u/T + s)/(1 + s) * pi/2)``."""
-    f = lambda v: np.cos((v / T + s) / (1.0 + s) * np.pi / 2.0) ** 2  # noqa: E731
+    f = lambda v: np.cos((v / T + s) / (1.0 + s) * np.pi / 2.0) ** 2
     return f(np.asarray(u, np.float64)) / f(0.0)
 
 

@@ -197,7 +197,7 @@ def test_traced_num_steps_below_one_gives_nan_and_zero_nfe(name):
 def test_traced_num_steps_below_one_gives_nan_and_zero_nfe_for_edm():
     """The EDM sampler (a denoiser, no schedule) follows the same rule; NFE 2n - 1 otherwise."""
     run_edm = registry.SAMPLERS["edm"].run
-    denoiser = lambda x, sigma: x * (0.25 / (0.25 + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2))  # noqa: E731
+    denoiser = lambda x, sigma: x * (0.25 / (0.25 + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2))
     run = jax.jit(lambda n: run_edm(None, denoiser, X, KEY, num_steps=n))
     for n in (0, -3):
         x, nfe = run(n)

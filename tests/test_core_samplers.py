@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import scipy.stats
 
-import reference as ref
 from jaxdiff.oracle import default_mixture
 from jaxdiff.samplers import (
     ddim_sigma,
@@ -24,6 +23,8 @@ from jaxdiff.samplers import (
     spaced_timesteps,
 )
 from jaxdiff.schedules import cosine_schedule, linear_schedule, ve_schedule
+
+import reference as ref
 
 T = 1000
 LIN = linear_schedule(T)
@@ -282,7 +283,7 @@ def test_steps_jit_equals_eager_and_vmap_equals_batch():
     for fn, args in ((ddpm, (out, x_t, t, z)), (ddim, (out, x_t, t, t_prev, z))):
         eager = fn(*args)
         np.testing.assert_allclose(jax.jit(fn)(*args), eager, rtol=1e-6, atol=1e-6)
-        one = lambda *a, fn=fn: fn(*(b[None] for b in a))[0]  # noqa: E731
+        one = lambda *a, fn=fn: fn(*(b[None] for b in a))[0]
         np.testing.assert_allclose(jax.vmap(one)(*args), eager, rtol=1e-6, atol=1e-6)
 
 
@@ -360,7 +361,7 @@ def test_oracle_score_is_the_gradient_of_the_noised_density(kind):
             a, s, x_in = np.sqrt(ABAR[t]), np.sqrt(1 - ABAR[t]), x
         else:
             a, s, x_in = 1.0, np.sqrt(VE_S2[t]), x * np.sqrt(1 + VE_S2[t])
-        logp = lambda y: ref.noised_mixture_logpdf(y, a, s, W64, M64, C64)  # noqa: E731
+        logp = lambda y: ref.noised_mixture_logpdf(y, a, s, W64, M64, C64)
         grad = np.stack([(logp(x_in + h * e) - logp(x_in - h * e)) / (2 * h) for e in np.eye(2)], -1)
         np.testing.assert_allclose(grad, ref.mixture_score(x_in, a, s, W64, M64, C64), rtol=1e-5, atol=1e-6)
         tb = jnp.full((8,), t, jnp.int32)
@@ -438,7 +439,7 @@ def _euler_variance_ratio(lam, num_steps):
     so each step scales the deviation by 1 + (sigma_prev - sigma) sigma / (lam + sigma^2); returns the
     ratio of the final variance to lam (1 for an exact solver)."""
     ts = list(np.floor(np.linspace(T - 1, 0, num_steps) + 1e-9).astype(int)) + [-1]
-    sig = lambda t: 0.0 if t < 0 else np.sqrt(1 / ABAR[t] - 1)  # noqa: E731
+    sig = lambda t: 0.0 if t < 0 else np.sqrt(1 / ABAR[t] - 1)
     g = 1.0
     for t, tp in zip(ts[:-1], ts[1:]):
         g *= 1 + (sig(tp) - sig(t)) * sig(t) / (lam + sig(t) ** 2)

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
 from fixtures.make_export_fixture import native_model_and_params
 from safetensors.numpy import load_file, save_file
 
@@ -32,6 +31,8 @@ from jaxdiff.models import (
 )
 from jaxdiff.models.diffusers_pipeline import schedule_from_diffusers
 from jaxdiff.schedules import cosine_schedule, ve_schedule
+
+import reference as ref
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers")
 UNETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(FIXTURES, "unet_*")))

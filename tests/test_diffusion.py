@@ -13,9 +13,10 @@ import pytest
 import scipy.integrate
 import scipy.stats
 
-import reference as ref
 from jaxdiff import diffusion as d
 from jaxdiff.schedules import cosine_schedule, linear_schedule, ve_schedule
+
+import reference as ref
 
 T = 1000
 SHAPE = (6, 4, 4, 3)  # NHWC
@@ -296,7 +297,7 @@ class TransformationsTest(chex.TestCase):
         t = jnp.asarray(TS)
         for s in (VP["linear"][0], vsched):
             batched = d.q_sample(s, x0, t, eps)
-            one = lambda x, tt, n, s=s: d.q_sample(s, x[None], tt[None], n[None])[0]  # noqa: E731
+            one = lambda x, tt, n, s=s: d.q_sample(s, x[None], tt[None], n[None])[0]
             chex.assert_trees_all_close(jax.vmap(one)(x0, t, eps), batched, rtol=1e-6, atol=1e-6)
             post = d.q_posterior(s, x0, batched, t)
 

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import linear_betas
 from scipy import stats
 
 from jaxdiff import edm
 from jaxdiff.schedules import linear_schedule, ve_schedule
+
+from reference import linear_betas
 
 LIN = linear_schedule(1000)
 SIGMAS = np.array([0.002, 0.01, 0.1, 0.5, 1.0, 3.0, 20.0, 80.0])
@@ -126,7 +127,7 @@ def test_precondition_wraps_a_raw_network():
 
     sd = 0.6
     cs, co, ci = sd**2 / (sigma**2 + sd**2), sigma * sd / np.sqrt(sigma**2 + sd**2), 1 / np.sqrt(sigma**2 + sd**2)
-    b = lambda c: c.reshape(-1, 1, 1, 1)  # noqa: E731
+    b = lambda c: c.reshape(-1, 1, 1, 1)
     ref = b(cs) * x + b(co) * F_np(b(ci) * x, np.log(sigma) / 4, y)
     D = jax.jit(edm.precondition(F, sigma_data=sd))
     got = D(jnp.asarray(x, jnp.float32), jnp.asarray(sigma, jnp.float32), jnp.asarray(y))
@@ -407,7 +408,7 @@ def _errors_at_35_nfe():
     s_top = float(LIN.sigmas[-1])
     exact_80 = np.asarray(run(80.0 * z, 128, 80.0))
     exact_top = np.asarray(run(z * np.sqrt(1.0 + s_top**2), 128, s_top))
-    rms = lambda a, b: float(np.sqrt(np.mean(np.sum((np.asarray(a) - b) ** 2, axis=1))))  # noqa: E731
+    rms = lambda a, b: float(np.sqrt(np.mean(np.sum((np.asarray(a) - b) ** 2, axis=1))))
     return {
         "edm": rms(run(80.0 * z, 18, 80.0), exact_80),
         "ddim": rms(run_sampler("ddim", 35, x_T=z, runtime={"eta": 0.0})[0], exact_top),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from test_samplers import B, MIX, MMD_NOISE, assert_matches_mixture, mixture_samples, mmd2_to_mixture
+from test_samplers import MIX, MMD_NOISE, B, assert_matches_mixture, mixture_samples, mmd2_to_mixture
 
 from jaxdiff import flow
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import scipy.stats
 
-import reference as ref
 from jaxdiff import diffusion as d
 from jaxdiff import losses as L
 from jaxdiff.oracle import GaussianMixture, default_mixture
 from jaxdiff.schedules import linear_schedule, schedule_from_betas, ve_schedule
+
+import reference as ref
 
 T = 1000
 LIN = linear_schedule(T)
@@ -230,7 +231,7 @@ def test_hybrid_loss_value(kind):
     scale = 0.3 if kind == "vp" else 0.003  # x0 error = (sigma_0 = 0.01 VP, 0.95 VE) * scale * N(0, 1)
     eps_good = noise + scale * np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
     v = np.random.default_rng(2).uniform(-1, 1, size=SHAPE).astype(np.float32)
-    good = lambda x, t: jnp.asarray(np.concatenate([eps_good, v], -1))  # noqa: E731
+    good = lambda x, t: jnp.asarray(np.concatenate([eps_good, v], -1))
     _, _, want0, term0 = _hybrid_reference(kind, good, x0, noise, t0, 0.01)
     if kind == "vp":  # the bins hold mass (VE: sigma_0 = 0.95, so the decoder is necessarily wide)
         assert np.all(term0 < 2.5 / np.log(2.0))
@@ -294,7 +295,7 @@ def test_loss_jit_equals_eager_and_vmap_equals_batch():
 
         eager = per_batch(x0, t, noise)
         np.testing.assert_allclose(jax.jit(per_batch)(x0, t, noise), eager, rtol=1e-5)
-        one = lambda x, tt, n, f=per_batch: f(x[None], tt[None], n[None])  # noqa: E731
+        one = lambda x, tt, n, f=per_batch: f(x[None], tt[None], n[None])
         np.testing.assert_allclose(jnp.mean(jax.vmap(one)(x0, t, noise)), eager, rtol=1e-5)
 
 
@@ -411,7 +412,7 @@ def test_variational_bound_terms_small_T():
     f = ref.schedule_fields(betas)
     rng = np.random.default_rng(11)
     x0 = (rng.integers(0, 256, size=(3, 2, 2, 1)) / 127.5 - 1.0).astype(np.float32)
-    model = lambda x, t: 0.7 * x - 0.1 * (t.astype(jnp.float32) / Ts)[:, None, None, None]  # noqa: E731
+    model = lambda x, t: 0.7 * x - 0.1 * (t.astype(jnp.float32) / Ts)[:, None, None, None]
     key = jax.random.key(12)
     bound = L.variational_bound(sched, model, jnp.asarray(x0), key, variance="fixed_large")
     assert bound["terms_bpd"].shape == (3, Ts) and bound["total_bpd"].shape == (3,)
@@ -495,7 +496,7 @@ def test_bound_on_8bit_grid_mixture():
     sigma^2 = beta-tilde_1 (the clipped fixed_small variance at t = 0): that is the documented gap,
     computed here with scipy. So total_bpd ~= (H(w)/D + decoder) / ln 2 >= H(w) / (D ln 2).
     """
-    grid = lambda k: 2.0 * k / 255.0 - 1.0  # noqa: E731
+    grid = lambda k: 2.0 * k / 255.0 - 1.0
     means = np.array([[grid(64), grid(64)], [grid(191), grid(64)], [grid(128), grid(200)]])
     weights = np.array([0.5, 0.3, 0.2])
     gm = GaussianMixture.create(weights, means, np.tile(1e-8 * np.eye(2), (3, 1, 1)))

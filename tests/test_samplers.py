@@ -255,7 +255,7 @@ def _edm_heun_reference(y_max, m, s, sigma_min, sigma_max, n, rho=7.0):
     i = np.arange(n, dtype=np.float64)
     sig = (sigma_max ** (1 / rho) + i / max(n - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     sig = np.append(sig, 0.0)
-    deriv = lambda y, sg: (y - (m + s**2 / (s**2 + sg**2) * (y - m))) / sg  # noqa: E731
+    deriv = lambda y, sg: (y - (m + s**2 / (s**2 + sg**2) * (y - m))) / sg
     y = np.asarray(y_max, np.float64)
     for a, b in zip(sig[:-1], sig[1:]):
         d_a = deriv(y, a)
@@ -337,7 +337,7 @@ def test_ve_schedule_reproduces_mixture(name, n):
 
 
 def test_sigma_max_clips_the_karras_grid_to_the_schedule():
-    sig = lambda sch, **kw: float(karras_sigmas(sch, 10, 0, **kw))  # noqa: E731
+    sig = lambda sch, **kw: float(karras_sigmas(sch, 10, 0, **kw))
     assert sig(COS) == pytest.approx(float(COS.sigmas[-1])) and float(COS.sigmas[-1]) > 1e4
     assert sig(COS, sigma_max=80.0) == pytest.approx(80.0)
     assert sig(COS, sigma_max=1e9) == pytest.approx(float(COS.sigmas[-1]))
@@ -378,7 +378,7 @@ def test_sigma_max_80_saves_steps_on_the_cosine_schedule():
 def test_vmap_over_keys():
     """Independent chains per key; the adaptive ODE solver takes its own steps and reports one NFE per chain."""
     model = MIX.model_fn(LIN)
-    one = lambda key: sample_with_info(LIN, model, key, (32, 2), sampler="ode", rtol=1e-3, atol=1e-3)  # noqa: E731
+    one = lambda key: sample_with_info(LIN, model, key, (32, 2), sampler="ode", rtol=1e-3, atol=1e-3)
     xs, infos = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(5), 3))
     assert xs.shape == (3, 32, 2) and infos["nfe"].shape == (3,)
     assert np.all(np.isfinite(xs)) and np.all(infos["nfe"] > 2)

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference as ref
 from jaxdiff import schedules as S
+
+import reference as ref
 
 FIELDS = [
     "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",

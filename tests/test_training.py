@@ -17,6 +17,7 @@ from jaxdiff.training.parallel import DataParallel
 from jaxdiff.training.setup import make_model, make_schedule
 from jaxdiff.training.state import create_train_state, make_optimizer
 from jaxdiff.training.step import train_step
+
 from training_utils import final_params, run, subprocess_env, tiny_config, train_command
 
 

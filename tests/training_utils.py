@@ -66,8 +66,9 @@ def run(cmd, env, timeout=600):
 
 def final_params(workdir):
     """The params and EMA params of the latest checkpoint in ``workdir``, as flat NumPy lists."""
-    from jaxdiff.training.workdir import load_workdir  # noqa: F401  (imports the stack)
     import orbax.checkpoint as ocp
+
+    from jaxdiff.training.workdir import load_workdir  # noqa: F401  (imports the stack)
 
     path = os.path.join(workdir, "checkpoints")
     manager = ocp.CheckpointManager(path, item_names=("state", "config"))

@@ -1,4 +1,5 @@
-"""Convert pytorch-fid's Inception weights (.pth) to the safetensors file :func:`~jaxdiff.metrics.inception.load_inception` reads.
+"""Convert pytorch-fid's Inception weights (.pth) to the safetensors file that
+:func:`~jaxdiff.metrics.inception.load_inception` reads.
 
 The weights are pytorch-fid's release asset (the TensorFlow FID Inception graph of 2015-12-05,
 ported to torch)::
@@ -114,7 +115,8 @@ def convert(src: str, dst: str, *, check_hash: bool = True) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxdiff.metrics.convert_inception",
-                                description="Convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth to safetensors.")
+                                description="Convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                                            "to safetensors.")
     p.add_argument("src", help="pytorch-fid's .pth weight file")
     p.add_argument("dst", help="the safetensors file to write (must not exist)")
     p.add_argument("--allow-other-hash", action="store_true", help="skip the sha256 check of SRC")

@@ -309,7 +309,8 @@ def check_state_dict(arrays: dict[str, np.ndarray], source: str = "state dict") 
     FID Inception tensors (optional: ``fc.*``, ``*.bn.num_batches_tracked``) with their shapes."""
     expected = expected_state_dict_shapes()
     optional = dict(OPTIONAL_SHAPES)
-    optional.update({k.replace(".running_mean", ".num_batches_tracked"): () for k in expected if k.endswith(".running_mean")})
+    optional.update({k.replace(".running_mean", ".num_batches_tracked"): ()
+                     for k in expected if k.endswith(".running_mean")})
     missing = [k for k in expected if k not in arrays]
     extra = [k for k in arrays if k not in expected and k not in optional]
     problems = []
@@ -385,7 +386,8 @@ class InceptionFeatures:
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *arr.shape[1:]), np.uint8)])
             outs.append(fn(self.params, self._preprocess(chunk)))
         if not outs:
-            outs.append(jax.eval_shape(fn, self.params, jax.ShapeDtypeStruct((b, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)))
+            shape = jax.ShapeDtypeStruct((b, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+            outs.append(jax.eval_shape(fn, self.params, shape))
             return jax.tree.map(lambda s: np.zeros((0, *s.shape[1:]), np.float32), outs[0])
         return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:n], *outs)
 

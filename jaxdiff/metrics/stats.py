@@ -46,7 +46,8 @@ def load_features(features: str, weights: str | os.PathLike | None = None) -> tu
     """``(images [N, H, W, C] in [-1, 1] -> features [N, D], sha256 of the weights file)``.
 
     ``features``: ``"inception"`` (``weights`` required: the FID Inception file read by
-    :func:`jaxdiff.metrics.inception.load_inception`, fed the images back as uint8) or ``"digits"`` (``weights`` optional:
+    :func:`jaxdiff.metrics.inception.load_inception`, fed the images back as uint8) or
+    ``"digits"`` (``weights`` optional:
     default the shipped classifier).
     """
     if features not in FEATURES:

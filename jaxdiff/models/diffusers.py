@@ -190,7 +190,8 @@ def to_diffusers(model: UNet, params, path: str, *, sample_size: int | None = No
     """Writes ``(model, params)`` as a diffusers ``UNet2DModel`` folder at ``path`` and returns ``path``.
 
     The folder must not exist or be empty. Fields without a diffusers counterpart raise
-    ``ValueError`` naming them (see :func:`~jaxdiff.models.diffusers_config.config_from_unet`). ``learn_sigma`` models export
+    ``ValueError`` naming them (see :func:`~jaxdiff.models.diffusers_config.config_from_unet`).
+    ``learn_sigma`` models export
     with ``out_channels = 2 C``.
     """
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):

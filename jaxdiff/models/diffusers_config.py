@@ -13,7 +13,8 @@ Supported ``config.json`` settings (missing keys take diffusers' defaults, ``DEF
 ``downsample_type``/``upsample_type`` ``conv``, ``class_embed_type`` null, ``time_embedding_dim``
 null (or ``4 * block_out_channels[0]``). Anything else is refused naming the setting.
 
-Export (:func:`~jaxdiff.models.diffusers_config.config_from_unet`) maps jaxdiff's own options where diffusers can hold them:
+Export (:func:`~jaxdiff.models.diffusers_config.config_from_unet`) maps jaxdiff's own options where
+diffusers can hold them:
 ``norm_groups=None`` when its rule gives one group count for every width, ``attn_resolutions``
 at a given ``sample_size``, ``num_heads`` when every attention layer has the same width,
 ``learn_sigma`` as ``out_channels = 2 C``; otherwise ``ValueError`` names the field.

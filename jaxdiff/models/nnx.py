@@ -84,7 +84,8 @@ class NNXUNet(nnx.Module):
         if not isinstance(unet, UNet):
             raise ValueError(f"unet must be a jaxdiff.models.UNet, got {type(unet).__name__}")
         if not isinstance(rngs, nnx.Rngs):
-            raise ValueError(f"rngs must be an nnx.Rngs (e.g. nnx.Rngs(params=0, dropout=1)), got {type(rngs).__name__}")
+            raise ValueError(f"rngs must be an nnx.Rngs (e.g. nnx.Rngs(params=0, dropout=1)), "
+                             f"got {type(rngs).__name__}")
         for stream in ("params", "dropout"):
             if stream not in rngs and "default" not in rngs:
                 raise ValueError(f"rngs has no {stream!r} stream and no 'default' stream; streams: {sorted(rngs)}")

@@ -23,7 +23,7 @@ caught (the grid then repeats timesteps).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,7 @@ def ddim_step(schedule: Schedule, model_output, x_t, t, t_prev, key=None, *, noi
         z = jax.lax.cond(jnp.any(sigma > 0), lambda: step_noise(key, None, x_t), lambda: jnp.zeros_like(x_t))
     else:
         z = step_noise(key, noise, x_t)
-    bc = lambda a: a.reshape(a.shape + (1,) * (x_t.ndim - 1))  # noqa: E731
+    bc = lambda a: a.reshape(a.shape + (1,) * (x_t.ndim - 1))
     dir_coef = jnp.sqrt(jnp.maximum(s_p**2 - sigma**2, 0.0))
     x_prev = bc(a_p) * x0_hat + bc(dir_coef) * eps_hat + bc(sigma) * z
     return d.from_vp(schedule, x_prev, t_prev)
@@ -67,7 +67,9 @@ def ddim_step(schedule: Schedule, model_output, x_t, t, t_prev, key=None, *, noi
 
 def ddim_loop(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=50, eta=0.0,
               prediction: str = "epsilon", clip_x0: bool = False):
-    """DDIM(eta) on ``n`` evenly spaced timesteps, ``1 <= n <= T`` (:func:`jaxdiff.samplers.sample` caps the default at ``T``).
+    """DDIM(eta) on ``n`` evenly spaced timesteps, ``1 <= n <= T``.
+
+    :func:`jaxdiff.samplers.sample` caps the default at ``T``.
 
     ``eta`` may be traced. ``model_fn(x_t [B, ...], t [B] int32) -> [B, ...]``. Returns ``(x0 [B, ...], nfe = n)``.
     """

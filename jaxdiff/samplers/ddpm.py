@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +89,7 @@ def ddpm_step_between(schedule: Schedule, model_output, x_t, t, t_prev, noise, *
     if clip_x0:
         x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
     c_x0, c_xt, v_small, v_large = respaced_posterior(schedule, t, t_prev)
-    bc = lambda a: a.reshape(a.shape + (1,) * (x_t.ndim - 1))  # noqa: E731
+    bc = lambda a: a.reshape(a.shape + (1,) * (x_t.ndim - 1))
     mean = bc(c_x0) * x0_hat + bc(c_xt) * d.to_vp(schedule, x_t, t)
     logvar = d.model_log_variance(variance, bc(jnp.log(jnp.maximum(v_small, 1e-20))), bc(jnp.log(v_large)), values)
     keep = bc((t_prev >= 0).astype(x_t.dtype))

@@ -28,7 +28,7 @@ computed inside the loop from ``(i, n)``, so ``n`` may be a traced value.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 

@@ -12,7 +12,7 @@ What each sampler accepts (its options, default steps and NFE) is in
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

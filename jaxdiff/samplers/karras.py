@@ -31,7 +31,7 @@ The step onto ``sigma = 0`` returns the denoiser's output ``D`` (``y - sigma eps
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

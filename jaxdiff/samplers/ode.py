@@ -20,7 +20,7 @@ The count is per chain (under ``vmap`` each key has its own adaptive steps).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import diffrax
 import jax

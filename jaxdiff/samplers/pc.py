@@ -17,7 +17,7 @@ NFE = ``n (M + 1)``. ``n``, ``M`` and ``snr`` may be traced values.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

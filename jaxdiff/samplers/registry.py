@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from jaxdiff.samplers import ddim, ddpm, dpm_solver, edm_sampler, karras, ode, pc
 

@@ -11,7 +11,10 @@ __all__ = ["grid_labels", "to_uint8", "make_grid", "grid_image", "save_grid"]
 
 
 def grid_labels(num_samples: int, num_classes: int | None) -> np.ndarray:
-    """Labels ``[N]`` int32 for a sample grid: row ``r`` (of ``num_classes`` columns) holds class ``r mod num_classes``."""
+    """Labels ``[N]`` int32 for a sample grid.
+
+    Row ``r`` (of ``num_classes`` columns) holds class ``r mod num_classes``.
+    """
     if num_classes is None:
         return np.zeros((num_samples,), np.int32)
     return ((np.arange(num_samples) // num_classes) % num_classes).astype(np.int32)

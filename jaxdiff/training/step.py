@@ -8,7 +8,8 @@ share the batch, and a resumed run reproduces the same keys without saving them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,8 @@ def example_keys(root: jax.Array, step: jax.Array, index: jax.Array) -> jax.Arra
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(index)
 
 
-def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn: Callable, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn: Callable,
+               tx: optax.GradientTransformation,
                schedule: Schedule, prediction: str = "epsilon", weighting: str = "uniform", min_snr_gamma: float = 5.0,
                learned_variance: bool = False, ema_decay: float = 0.9999, num_classes: int | None = None,
                label_dropout: float = 0.0, objective: str = "diffusion", sigma_data: float = 0.5,
