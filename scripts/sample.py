@@ -2,6 +2,10 @@
 
     python scripts/sample.py --workdir workdir/digits --num_samples 100 --seed 0 --output samples.npz
 
+``--diffusers FOLDER`` samples a diffusers ``DDPMPipeline`` / ``DDIMPipeline`` folder instead
+(``unet/`` + ``scheduler/``; its scheduler's sampler by default, any jaxdiff sampler with
+``--sampler``), e.g. ``--diffusers ddpm-cifar10-32 --sampler dpm_solver++ --steps 20``.
+
 Writes ``samples.npz`` (``images``: uint8 [N, H, W, C]; ``labels``: int32 [N] for a
 class-conditional model) and a PNG grid beside it (``samples.png``). The same seed gives the
 same output. ``--sampler``, ``--steps``, ``--eta`` and ``--guidance`` override the run's config;
@@ -24,6 +28,7 @@ from jaxdiff.samplers.registry import SAMPLERS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (holds checkpoints/).")
+flags.DEFINE_string("diffusers", None, "A diffusers DDPMPipeline/DDIMPipeline folder (unet/ + scheduler/) instead.")
 flags.DEFINE_integer("num_samples", 64, "Number of images.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("output", "samples.npz", "Output .npz path (a .png grid is written beside it).")
@@ -37,12 +42,24 @@ flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output (and the .png beside it).")
 flags.DEFINE_multi_string("option", [], "A sampler option name=value (repeatable), e.g. s_churn=40.")
 flags.DEFINE_string("ema", None, "sigma_rel=S: use the post-hoc EMA reconstruction of S (scripts/posthoc_ema.py).")
-flags.mark_flags_as_required(["workdir"])
+flags.register_multi_flags_validator(["workdir", "diffusers"], lambda f: bool(f["workdir"]) != bool(f["diffusers"]),
+                                    message="give exactly one of --workdir and --diffusers")
 
 
 def main(argv):
-    from jaxdiff.training.generate import sample_workdir
+    from jaxdiff.training.generate import sample_pipeline, sample_workdir
     from jaxdiff.training.phema import parse_ema
+
+    if FLAGS.diffusers:
+        for name in ("guidance", "ema"):
+            if FLAGS[name].present:
+                raise ValueError(f"--{name} applies to a --workdir, not to a diffusers pipeline")
+        path = sample_pipeline(FLAGS.diffusers, FLAGS.output, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+                               sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
+                               batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite,
+                               options=cli.parse_options(FLAGS.option))
+        print(f"wrote {path} and {os.path.splitext(path)[0]}.png")
+        return
 
     path = sample_workdir(FLAGS.workdir, FLAGS.output, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                           sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta,

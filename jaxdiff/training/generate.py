@@ -29,7 +29,7 @@ from jaxdiff.schedules import Schedule
 from jaxdiff.training import images as imgs
 from jaxdiff.training.workdir import load_workdir
 
-__all__ = ["generate", "sample_images", "sample_workdir"]
+__all__ = ["generate", "sample_images", "sample_workdir", "sample_pipeline"]
 
 
 def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_shape, *, sampler: str = "ddim",
@@ -216,4 +216,57 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
         arrays["labels"] = labels
     np.savez(npz_path, **arrays)
     imgs.save_grid(images, png_path, ncols=run.num_classes or None)
+    return output
+
+
+def sample_pipeline(path: str, output: str, *, num_samples: int, seed: int = 0, sampler: str | None = None,
+                    num_steps: int | None = None, eta: float | None = None, batch_size: int = 256,
+                    overwrite: bool = False, options: Mapping | None = None) -> str:
+    """Samples a diffusers ``DDPMPipeline`` / ``DDIMPipeline`` folder with any jaxdiff sampler.
+
+    Writes ``output`` (.npz with uint8 ``images``) and a PNG grid beside it, like
+    :func:`sample_workdir`. The pipeline's scheduler gives the schedule, the prediction type and
+    ``clip_sample``; its own sampler (``ddpm`` / ``ddim``) and variance are the defaults. Every
+    argument and the output are checked before any work.
+    """
+    import json
+
+    from jaxdiff.models import from_diffusers_pipeline
+
+    _check_counts(num_samples, batch_size)
+    npz_path, png_path = _check_output(output, overwrite)
+    pipe = from_diffusers_pipeline(path)
+    defaults = pipe.sampling
+    sampler = sampler or defaults.sampler
+    opts = dict(options or {})
+    if eta is not None:
+        opts["eta"] = eta
+    spec = registry.check(sampler, num_steps=num_steps, num_timesteps=pipe.schedule.num_timesteps, options=opts,
+                          prefix="--")
+    learned = bool(pipe.model.learn_sigma)
+    if "variance" in spec.options and "variance" not in opts and sampler == defaults.sampler and defaults.variance:
+        opts["variance"] = defaults.variance
+    with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+        unet_config = json.load(f)
+    size, channels = unet_config.get("sample_size"), unet_config.get("in_channels", 3)
+    if not isinstance(size, int):
+        raise ValueError(f"{path}/unet/config.json: sample_size={size!r}; sampling needs one square image size")
+
+    def model_fn(x, t):
+        out = pipe.model.apply({"params": pipe.params}, x, t)
+        return out if opts.get("variance") == "learned_range" or not learned else out[..., :channels]
+
+    @jax.jit
+    def draw(key, n):
+        return samplers.sample(pipe.schedule, model_fn, key, (batch_size, size, size, channels), sampler=sampler,
+                               num_steps=None if spec.adaptive else n, prediction=defaults.prediction,
+                               clip_x0=defaults.clip_x0, **opts)
+
+    n = num_steps if num_steps is not None else registry.default_num_steps(sampler, pipe.schedule.num_timesteps)
+    key = jax.random.key(seed)
+    chunks = [imgs.to_uint8(draw(jax.random.fold_in(key, i), n))
+              for i in tqdm(range(-(-num_samples // batch_size)), desc="sample", unit="batch")]
+    images = np.concatenate(chunks)[:num_samples]
+    np.savez(npz_path, images=images)
+    imgs.save_grid(images, png_path)
     return output
