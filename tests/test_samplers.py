@@ -198,6 +198,7 @@ CONVERGENCE = [
                          ids=[c[0] + "".join(f"-{k}{v}" for k, v in c[1].items()) for c in CONVERGENCE])
 def test_converges_to_mixture(name, options, runtime, n_small, n_large):
     x_small, nfe_small = run(name, n_small, runtime=runtime[0], **options)
+    compiled = compilations(name, **options)  # the cached runner may have served other tests' calls before
     x_large, nfe_large = run(name, n_large, runtime=runtime[1], **options)
     if name == "ode":
         assert nfe_large > nfe_small > 2 and (nfe_large - 2) % 6 == 0
@@ -208,7 +209,7 @@ def test_converges_to_mixture(name, options, runtime, n_small, n_large):
     assert d_large < 4 * MMD_NOISE, (d_small, d_large)
     assert_matches_mixture(x_large, MIX)
     # the step count, eta, snr and the tolerances changed without recompiling
-    assert compilations(name, **options) == 1
+    assert compilations(name, **options) == compiled
 
 
 # --------------------------------------------------------------------------- accuracy at few steps

@@ -36,7 +36,7 @@ def edm_sampler(schedule, model_fn: Callable, x_T, key=None, *, num_steps=18, si
       schedule: ignored (an EDM model has no discrete schedule); ``None``.
       model_fn: the denoiser ``D(x [B, ...], sigma [B]) -> [B, ...]`` (:func:`jaxdiff.edm.precondition`).
       x_T: ``[B, ...]`` unit normal. key: the churn's randomness (unused when ``s_churn = 0``).
-      num_steps: ``n``, a Python int or traced (then at most :data:`MAX_STEPS`).
+      num_steps: ``n``, a Python int or traced (then at most ``MAX_STEPS``).
       sigma_min, sigma_max, rho: the grid (EDM eq. 5). s_churn, s_tmin, s_tmax, s_noise: EDM's churn.
     """
     del schedule

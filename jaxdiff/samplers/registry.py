@@ -9,7 +9,31 @@ common ones (``num_steps``, ``prediction``, ``clip_x0``); their defaults are the
 defaults, read once here, so a sampler's options are written in exactly one place: its own
 signature. The same holds for the default number of steps (``None`` there means ``T``).
 
-====================  =====================  ===============  ===========  =========="""
+====================  =====================  ===============  ===========  =================
+name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   objectives
+====================  =====================  ===============  ===========  =================
+``ddpm``              ``n``                  ``T``            yes          diffusion
+``ddim``              ``n``                  50               yes          diffusion
+``dpm_solver++``      ``n`` (+1 if           20               no           diffusion
+                      ``denoise_final``)
+``dpm++2m``           as ``dpm_solver++``    20               no           diffusion
+``euler``             ``n``                  50               no           diffusion, flow
+``heun``              ``2n - 1``             25               no           diffusion, flow
+``euler_ancestral``   ``n``                  50               no           diffusion
+``pc``                ``n (M + 1)``          ``T``            yes          diffusion
+``ode``               adaptive, reported     (tolerances)     --           diffusion
+``edm``               ``2n - 1``             18               no           edm
+====================  =====================  ===============  ===========  =================
+
+For ``flow_matching`` models, ``euler`` and ``heun`` integrate the learned velocity with
+:func:`jaxdiff.flow.sample` (NFE ``n`` and ``2n``); they take no options there.
+``edm`` (EDM Algorithm 2, :mod:`jaxdiff.samplers.edm_sampler`) samples ``objective="edm"`` models:
+its ``run`` takes the denoiser ``D(x, sigma)`` as ``model_fn`` and ignores ``schedule`` (``None``).
+
+``n`` below 1: a concrete value raises ``ValueError`` (here and in every sampler); a traced one
+cannot be checked, and every fixed-step sampler then returns NaN samples and reports NFE 0
+(:func:`jaxdiff.samplers.common.steps_result`, the one place that implements it).
+"""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
 
 __all__ = ["FEATURES", "FeatureNetwork", "Generated", "Reference", "evaluate_quality", "generated_features",
-           "load_feature_network", "load_reference", "quality_metrics", "training_evaluator"]
+           "load_feature_network", "load_reference", "quality_metrics", "training_evaluator", "TrainingEvaluator"]
 
 DIMS = {"inception": inception.FEATURE_DIM, "digits": digits.FEATURE_DIM}
 FD_NAMES = {"inception": "fid", "digits": "digits_fd"}  # the result key of the Frechet distance
