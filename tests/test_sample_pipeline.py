@@ -39,7 +39,7 @@ def test_sample_pipeline_runs_the_chain_of_the_folder(pipeline_folder, tmp_path,
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
     assert (tmp_path / "s.png").exists()
     pipe = from_diffusers_pipeline(pipeline_folder)
-    net = lambda x, t: pipe.model.apply({"params": pipe.params}, x, t)  # noqa: E731
+    net = lambda x, t: pipe.model.apply({"params": pipe.params}, x, t)
     want = sample(pipe.schedule, net, jax.random.fold_in(jax.random.key(5), 0), (4, 8, 8, 1), sampler=sampler,
                   num_steps=4, clip_x0=True)
     np.testing.assert_array_equal(images, to_uint8(want)[:3])
