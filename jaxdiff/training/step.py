@@ -58,6 +58,7 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, apply_fn:
         the batch is a global array (``jit`` with shardings).
 
     The state's post-hoc EMA (``state.posthoc_ema``, if tracked) is updated after the optimizer step.
+
     Returns: the new state (the old one where the loss or a gradient is not finite) and metrics
       ``{"loss", "mse", "grad_norm", "finite"}`` averaged over the global batch.
     """
