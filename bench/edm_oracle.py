@@ -41,6 +41,7 @@ from jaxdiff.samplers import sample_with_info, spaced_timesteps
 from jaxdiff.schedules import linear_schedule
 
 import bench_utils as bu
+from oracle_metrics import budget_table
 
 BUDGETS = (10, 20, 35)
 MAX_STEPS = 128
@@ -119,13 +120,7 @@ def main():
                   flush=True)
 
     fmt = lambda r: f"{r['mmd2_x1e4']:.2f} / {r['sw2']:.3f} / {r['nll_gap']:+.3f} / {r['rms_to_pf_map']:.3f}"
-    table = [["exact samples"] + [fmt(rows[0])] * len(BUDGETS)]
-    for label, *_ in configs:
-        cells = [label]
-        for budget in BUDGETS:
-            r = next(r for r in rows if r["sampler"] == label and r["budget"] == budget)
-            cells.append(fmt(r) + (f" ({r['nfe']})" if r["nfe"] != budget else ""))
-        table.append(cells)
+    table = budget_table(rows, [c[0] for c in configs], BUDGETS, fmt)
     print(f"\n### EDM on the mixture oracle ({n} samples of default_mixture(2), linear T=1000, exact model)\n")
     print("Each cell: MMD^2 x 1e4 / sliced W2 / NLL gap (nats) / RMS distance to the probability-flow map of the "
           "same noise; lower |value| is better. NFE in parentheses where it differs from the budget.\n")

@@ -64,3 +64,18 @@ def steps_for_budget(sampler: str, budget: int, options: dict | None = None) -> 
         if calls <= budget:
             return n, calls
     return None
+
+
+def budget_table(rows: list[dict], labels, budgets, fmt) -> list[list[str]]:
+    """Table rows (exact samples first, then one per label) of ``fmt(row)`` per NFE budget.
+
+    ``rows[0]`` is the exact samples' row; a cell notes the actual NFE where it differs from the budget.
+    """
+    table = [["exact samples"] + [fmt(rows[0])] * len(budgets)]
+    for label in labels:
+        cells = [label]
+        for budget in budgets:
+            r = next(r for r in rows if r["sampler"] == label and r["budget"] == budget)
+            cells.append(fmt(r) + (f" ({r['nfe']})" if r["nfe"] != budget else ""))
+        table.append(cells)
+    return table

@@ -37,7 +37,7 @@ from jaxdiff.samplers import sample_with_info
 from jaxdiff.schedules import linear_schedule
 
 import bench_utils as bu
-from oracle_metrics import mmd2, sliced_w2, steps_for_budget
+from oracle_metrics import budget_table, mmd2, sliced_w2, steps_for_budget
 
 BUDGETS = (10, 20, 50)
 # (label, sampler, static options); steps per NFE budget: oracle_metrics.steps_for_budget
@@ -106,13 +106,7 @@ def main():
                          "seconds": time.time() - t0, **metrics(x, mix, ref, k_sw, base_nll)})
 
     fmt = lambda r: f"{r['mmd2_x1e4']:.2f} / {r['sw2']:.3f} / {r['nll_gap']:+.3f}"
-    table = [["exact samples"] + [fmt(rows[0])] * len(BUDGETS)]
-    for label, *_ in CONFIGS:
-        cells = [label]
-        for budget in BUDGETS:
-            r = next(r for r in rows if r["sampler"] == label and r["budget"] == budget)
-            cells.append(fmt(r) + (f" ({r['nfe']})" if r["nfe"] != budget else ""))
-        table.append(cells)
+    table = budget_table(rows, [c[0] for c in CONFIGS], BUDGETS, fmt)
     print(f"\n### Distance to the mixture ({n} samples of default_mixture(2), linear T=1000, exact model)\n")
     print("Each cell: MMD^2 x 1e4 / sliced W2 / NLL gap (nats); lower |value| is better. "
           "NFE in parentheses where it differs from the budget.\n")
