@@ -81,13 +81,13 @@ def get(name: str) -> BenchNet:
     return NETWORKS[name]
 
 
-def build(net: BenchNet, dtype: str = "float32", remat: bool = False):
+def build(net: BenchNet, dtype: str = "float32", remat: bool = False, conv_backward: str = "auto"):
     """The jaxdiff UNet of ``net``: ``get_model(net.preset, **net.overrides)``."""
     import jax.numpy as jnp
 
     from jaxdiff.models import get_model
 
-    return get_model(net.preset, **net.overrides, dtype=jnp.dtype(dtype), remat=remat)
+    return get_model(net.preset, **net.overrides, dtype=jnp.dtype(dtype), remat=remat, conv_backward=conv_backward)
 
 
 def param_count(net: BenchNet) -> int:
@@ -118,7 +118,7 @@ def make_jax_batch(net: BenchNet, batch: int, seed: int = 0) -> dict:
 
 
 def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: bool = False,
-                   donate: bool = True):
+                   donate: bool = True, conv_backward: str = "auto"):
     """``jaxdiff.training.step.train_step`` under ``jax.jit`` (state donated unless ``donate=False``).
 
     Returns ``(run, info)``: ``run(k)`` does ``k`` train steps and blocks; ``info`` has the
@@ -132,7 +132,7 @@ def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: 
     from jaxdiff.training.state import create_train_state, make_optimizer
     from jaxdiff.training.step import train_step
 
-    model = build(net, dtype=dtype, remat=remat)
+    model = build(net, dtype=dtype, remat=remat, conv_backward=conv_backward)
     tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
     t0 = time.perf_counter()
     state = jax.block_until_ready(

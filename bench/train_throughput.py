@@ -18,6 +18,7 @@ Commands (from the repository root)::
     python bench/train_throughput.py                      # cifar_small + digits, float32, CPU default
     python bench/train_throughput.py --configs cifar_small,digits_x10   # the networks of BENCHMARKS.md
     python bench/train_throughput.py --quick              # smoke run
+    python bench/train_throughput.py --conv-backward taps,xla --no-conv   # the conv weight gradient, A/B
     # accelerators (no torch; the DDPM CIFAR-10 model, batch 128, both dtypes):
     python bench/train_throughput.py --configs ddpm_cifar10 --dtypes float32,bfloat16 --no-torch
 
@@ -117,18 +118,23 @@ def conv_layers(net: nets.BenchNet, batch: int) -> list[dict]:
     return out
 
 
-def conv_cases(layers: list[dict], torch_threads: tuple[int, ...] = ()):
-    """``{stack: run()}`` where ``run`` does forward + input and weight gradients of every layer once."""
+def conv_cases(layers: list[dict], torch_threads: tuple[int, ...] = (), conv_backward: str = "auto"):
+    """``{stack: run()}`` where ``run`` does forward + input and weight gradients of every layer once.
+
+    The jaxdiff side differentiates the convolutions as ``UNet(conv_backward=...)`` does."""
     import jax
     import jax.numpy as jnp
 
+    from jaxdiff.models.conv import conv_for
+
+    conv_fn = conv_for(conv_backward) or jax.lax.conv_general_dilated
     rng = np.random.default_rng(0)
     jfns, tfns = [], []
     for v in layers:
         lhs, rhs = v["lhs"], v["rhs"]
         x = jnp.asarray(rng.standard_normal(lhs).astype(np.float32))
         w = jnp.asarray(0.05 * rng.standard_normal(rhs).astype(np.float32))
-        conv = functools.partial(jax.lax.conv_general_dilated, window_strides=v["strides"], padding=v["padding"],
+        conv = functools.partial(conv_fn, window_strides=v["strides"], padding=v["padding"],
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
         y = conv(x, w)
         ct = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
@@ -175,6 +181,8 @@ def main():
     p.add_argument("--dtypes", default="float32", help="jaxdiff compute dtypes, e.g. float32,bfloat16")
     p.add_argument("--no-torch", action="store_true", help="jaxdiff only (e.g. on an accelerator)")
     p.add_argument("--no-conv", action="store_true", help="skip the conv attribution table")
+    p.add_argument("--conv-backward", default="auto",
+                   help="comma list of UNet.conv_backward values to time side by side, e.g. taps,xla")
     bu.add_torch_threads_option(p)
     args = p.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
@@ -189,10 +197,12 @@ def main():
         batch = args.batch or (min(net.batch, 8) if args.quick else net.batch)
         res = {"batch": batch, "image_shape": net.image_shape, "config": net}
         cases, infos = {}, {}
+        backwards = args.conv_backward.split(",")
         for dtype in args.dtypes.split(","):
-            label = f"jaxdiff {dtype}"
-            bu.eprint(f"[{name}] compiling {label} ...")
-            cases[label], infos[label] = jax_train_step(net, batch, dtype=dtype)
+            for conv_backward in backwards:
+                label = f"jaxdiff {dtype}" + (f" conv_backward={conv_backward}" if len(backwards) > 1 else "")
+                bu.eprint(f"[{name}] compiling {label} ...")
+                cases[label], infos[label] = jax_train_step(net, batch, dtype=dtype, conv_backward=conv_backward)
         if with_torch:
             run, info = torch_train_step(net, batch)
             for n in threads:
@@ -203,11 +213,12 @@ def main():
             step_s = t["median_s"] / STEPS_PER_SAMPLE
             t.update(step_s=step_s, images_per_s=batch / step_s, **infos[label])
         torch_labels = [k for k in timing if k.startswith("torch")]
+        first_jax = next(k for k in timing if k.startswith("jaxdiff"))
         best_torch = min(torch_labels, key=lambda k: timing[k]["step_s"]) if torch_labels else None
         res["best_torch"] = best_torch
         for label, t in timing.items():
             t["vs_torch"] = timing[best_torch]["step_s"] / t["step_s"] if best_torch else float("nan")
-            flops = timing[f"jaxdiff {args.dtypes.split(',')[0]}"]["flops_per_step"]
+            flops = timing[first_jax]["flops_per_step"]
             t["achieved_gflops"] = flops / t["step_s"] / 1e9
             rows.append([name, batch, label, t["params"], t["step_s"] * 1e3, t["images_per_s"], t["vs_torch"],
                          t["achieved_gflops"], t.get("compile_s", float("nan"))])
@@ -216,11 +227,11 @@ def main():
         if with_torch and not args.no_conv and jax.default_backend() == "cpu":
             layers = conv_layers(net, batch)
             n_best = int(best_torch.split()[-1][:-1])  # the thread count of the fastest torch run
-            ccases = conv_cases(layers, torch_threads=(n_best,))
+            ccases = conv_cases(layers, torch_threads=(n_best,), conv_backward=backwards[0])
             bu.eprint(f"[{name}] timing {len(layers)} conv shapes ({sum(v['count'] for v in layers)} layers)")
             ct = bu.alternate(ccases, rounds=rounds)
             conv_j, conv_t = ct["jaxdiff (XLA)"]["median_s"], ct[f"torch (oneDNN) {n_best}T"]["median_s"]
-            step_j = timing[f"jaxdiff {args.dtypes.split(',')[0]}"]["step_s"]
+            step_j = timing[first_jax]["step_s"]
             step_t = timing[best_torch]["step_s"]
             gap = step_j - step_t
             backend = conv_j - conv_t

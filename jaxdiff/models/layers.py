@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from functools import partial
 
 import flax.linen as nn
@@ -118,10 +119,11 @@ def example_dropout(x: jax.Array, rate: float, keys: jax.Array, salt: int) -> ja
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
-def _conv3x3(features: int, dtype: jnp.dtype, name: str, zero_init: bool = False) -> nn.Conv:
+def _conv3x3(features: int, dtype: jnp.dtype, name: str, zero_init: bool = False, conv=None) -> nn.Conv:
     kernel_init = nn.initializers.zeros if zero_init else nn.linear.default_kernel_init
     return nn.Conv(
-        features, (3, 3), padding="SAME", dtype=dtype, kernel_init=kernel_init, name=name
+        features, (3, 3), padding="SAME", dtype=dtype, kernel_init=kernel_init, name=name,
+        conv_general_dilated=conv,
     )
 
 
@@ -135,7 +137,8 @@ class ResBlock(nn.Module):
     block's name) instead of from the module's ``"dropout"`` rng.
     With ``scale_shift=True`` the embedding instead modulates the second norm
     (Nichol & Dhariwal 2021): ``GN(h) * (1 + scale) + shift``. ``norm_groups`` / ``norm_eps``
-    set every GroupNorm's groups (default: :func:`num_groups`) and epsilon.
+    set every GroupNorm's groups (default: :func:`num_groups`) and epsilon. ``conv``, when
+    given, replaces ``lax.conv_general_dilated`` in the convolutions (see :mod:`jaxdiff.models.conv`).
     """
 
     out_ch: int
@@ -144,6 +147,7 @@ class ResBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     norm_groups: int | None = None
     norm_eps: float = 1e-6
+    conv: Callable | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False,
@@ -154,7 +158,7 @@ class ResBlock(nn.Module):
         c_in = x.shape[-1]
         gn = partial(group_norm, dtype=self.dtype, groups=self.norm_groups, eps=self.norm_eps)
         h = nn.silu(gn(c_in, name="norm1")(x))
-        h = _conv3x3(self.out_ch, self.dtype, "conv1")(h)
+        h = _conv3x3(self.out_ch, self.dtype, "conv1", conv=self.conv)(h)
         n_emb = 2 * self.out_ch if self.scale_shift else self.out_ch
         emb = nn.Dense(n_emb, dtype=self.dtype, name="temb_proj")(nn.silu(temb))
         emb = emb[:, None, None, :]  # [B, 1, 1, n_emb]
@@ -168,9 +172,9 @@ class ResBlock(nn.Module):
             h = example_dropout(h, self.dropout, dropout_keys, dropout_salt(self.name))
         else:
             h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv3x3(self.out_ch, self.dtype, "conv2", zero_init=True)(h)
+        h = _conv3x3(self.out_ch, self.dtype, "conv2", zero_init=True, conv=self.conv)(h)
         if c_in != self.out_ch:
-            x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
+            x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut", conv_general_dilated=self.conv)(x)
         return x + h
 
 
@@ -242,12 +246,13 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then conv 3x3: ``[B, H, W, C] -> [B, 2H, 2W, C]``."""
+    """Nearest-neighbour x2 then conv 3x3: ``[B, H, W, C] -> [B, 2H, 2W, C]`` (``conv``: as in :class:`ResBlock`)."""
 
     dtype: jnp.dtype = jnp.float32
+    conv: Callable | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv3x3(c, self.dtype, "conv")(x)
+        return _conv3x3(c, self.dtype, "conv", conv=self.conv)(x)

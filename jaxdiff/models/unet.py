@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import checks
+from jaxdiff.models.conv import conv_for
 from jaxdiff.models.layers import (
     AttnBlock,
     Downsample,
@@ -88,6 +89,11 @@ class UNet(nn.Module):
     by ``attn_resolutions``); ``head_dim`` (heads of width ``head_dim`` instead of
     ``num_heads`` heads); ``mid_attn`` (the middle attention block) and ``mid_attn_norm``
     (its GroupNorm).
+
+    ``conv_backward`` chooses how the stride-1 convolutions are differentiated (values, and
+    results, are the same): ``"taps"`` writes the weight gradient as one matmul per kernel tap
+    (:mod:`jaxdiff.models.conv`, faster on XLA:CPU), ``"xla"`` keeps XLA's, ``"auto"`` (default)
+    takes ``"taps"`` on the CPU backend and ``"xla"`` elsewhere.
     """
 
     ch: int = 128
@@ -111,6 +117,7 @@ class UNet(nn.Module):
     head_dim: int | None = None
     mid_attn: bool = True
     mid_attn_norm: bool = True
+    conv_backward: str = "auto"
 
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
         if x.ndim != 4:
@@ -143,9 +150,10 @@ class UNet(nn.Module):
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
         norm = {"norm_groups": self.norm_groups, "norm_eps": self.norm_eps}
+        conv = conv_for(self.conv_backward)
 
         def res_block(h, out_ch, name):
-            block = block_cls(out_ch, self.dropout, self.scale_shift, dt, **norm, name=name)
+            block = block_cls(out_ch, self.dropout, self.scale_shift, dt, **norm, conv=conv, name=name)
             return block(h, temb, train, dropout_keys)
 
         def attn(h, name, use_norm=True):
@@ -169,7 +177,8 @@ class UNet(nn.Module):
 
         # Downsampling; every intermediate h is kept for the skip connections.
         num_levels = len(self.ch_mult)
-        hs = [nn.Conv(self.ch, (3, 3), padding="SAME", dtype=dt, name="conv_in")(x.astype(dt))]
+        conv_in = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=dt, name="conv_in", conv_general_dilated=conv)
+        hs = [conv_in(x.astype(dt))]
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
                 h = res_block(hs[-1], self.ch * mult, f"down_{i}_block_{j}")
@@ -191,7 +200,7 @@ class UNet(nn.Module):
                 h = res_block(h, self.ch * self.ch_mult[i], f"up_{i}_block_{j}")
                 h = maybe_attn(h, i, f"up_{i}_attn_{j}")
             if i != 0:
-                h = Upsample(dt, name=f"up_{i}_upsample")(h)
+                h = Upsample(dt, conv, name=f"up_{i}_upsample")(h)
         assert not hs, "every skip connection is consumed"
 
         # Out.
@@ -201,7 +210,7 @@ class UNet(nn.Module):
         h = nn.silu(group_norm(h.shape[-1], dt, "norm_out", self.norm_groups, self.norm_eps)(h))
         h = nn.Conv(
             out_ch, (3, 3), padding="SAME", dtype=dt,
-            kernel_init=nn.initializers.zeros, name="conv_out",
+            kernel_init=nn.initializers.zeros, name="conv_out", conv_general_dilated=conv,
         )(h)
         return h.astype(jnp.float32)
 
