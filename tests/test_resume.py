@@ -131,6 +131,15 @@ def test_a_flow_config_cannot_resume_a_diffusion_workdir():
         resume.check_resume(saved, current, workdir="w", step=100)
 
 
+def test_switching_on_posthoc_ema_is_refused():
+    """Post-hoc EMA profiles are part of the train state: a workdir resumes only with its own."""
+    saved = tiny_config().to_dict()
+    current = tiny_config().to_dict()
+    current["train"]["posthoc_ema"]["sigma_rels"] = (0.05, 0.1)
+    with pytest.raises(ValueError, match=r"train.posthoc_ema.sigma_rels: \[\] -> \[0.05, 0.1\]"):
+        resume.check_resume(saved, current, workdir="w", step=100)
+
+
 def test_unset_model_fields_equal_the_presets_values():
     saved = tiny_config().to_dict()
     saved["model"].update(preset="digits", ch=None, ch_mult=None)
