@@ -15,6 +15,7 @@ from jax import lax
 
 from jaxdiff.models import get_model
 from jaxdiff.models.conv import conv_for, conv_general_dilated
+from jaxdiff.models.layers import ResBlock
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -64,6 +65,22 @@ def test_forward_and_gradients_match_float64_numpy(pads, kernel, channels):
     np.testing.assert_allclose(dx, basis_grad(lambda e: np.sum(ct * np_conv(e, w, explicit)), x), rtol=1e-5, atol=1e-4)
 
 
+def test_forward_mode_matches_xla():
+    """jax.jvp works (the likelihood's divergence needs it) and equals XLA's, in x and in w."""
+    rng = np.random.default_rng(2)
+    x, w = jnp.float32(rng.normal(size=(2, 6, 6, 3))), jnp.float32(rng.normal(size=(3, 3, 3, 4)))
+    dx, dw = jnp.float32(rng.normal(size=x.shape)), jnp.float32(rng.normal(size=w.shape))
+
+    def jvps(conv):
+        def f(a, b):
+            return conv(a, b, (1, 1), "SAME", dimension_numbers=DN)
+
+        return jax.jvp(f, (x, w), (dx, dw)) + jax.jvp(lambda a: f(a, w), (x,), (dx,))
+
+    for a, b in zip(jvps(conv_general_dilated), jvps(lax.conv_general_dilated), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_other_convolutions_are_lax_itself():
     """Strided or grouped convolutions are passed through: same values and gradients as lax."""
     rng = np.random.default_rng(1)
@@ -91,20 +108,39 @@ def test_bfloat16_gradients_keep_the_dtype():
     np.testing.assert_array_equal(np.asarray(dw[0, 0, 0, 0], np.float64), 9.0)
 
 
-def test_unet_gradients_equal_xlas():
-    """The whole UNet, 'taps' against XLA's own convolution gradients (an independent implementation)."""
-    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
-    t = jnp.array([1, 500, 999])
+def test_resblock_gradients_equal_xlas():
+    """A ResBlock (two 3x3 convs and a 1x1 shortcut) through flax: the 'taps' gradients equal XLA's own
+    (an independent implementation)."""
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 4))
+    temb = jax.random.normal(jax.random.key(1), (3, 16))
     grads = {}
-    for backward in ("taps", "xla"):
-        model = get_model("tiny", conv_backward=backward)
-        params = jax.jit(model.init)(jax.random.key(1), x, t)["params"]
-        # Non-zero output convolutions so that every layer gets a gradient.
-        params = jax.tree.map(lambda p: p + 0.05, params)
-        grads[backward] = jax.jit(jax.grad(lambda p, m=model: jnp.sum(m.apply({"params": p}, x, t) ** 2)))(params)
-    flat_t, flat_x = jax.tree.leaves(grads["taps"]), jax.tree.leaves(grads["xla"])
-    for a, b in zip(flat_t, flat_x, strict=True):
+    for conv in (conv_general_dilated, None):
+        block = ResBlock(6, conv=conv)
+        params = block.init(jax.random.key(2), x, temb)["params"]
+        params = jax.tree.map(lambda p: p + 0.05, params)  # a non-zero last conv: every layer gets a gradient
+
+        def loss(p, x, block=block):
+            return jnp.sum(jnp.sin(block.apply({"params": p}, x, temb)))
+
+        grads[conv] = jax.jit(jax.grad(loss, (0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(grads[conv_general_dilated]), jax.tree.leaves(grads[None]), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_the_unet_routes_its_convolutions_by_conv_backward():
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+
+    def custom_rules(backward):
+        model = get_model("tiny", conv_backward=backward)
+        params = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t))(params)
+        return str(jaxpr).count("custom_jvp_call")
+
+    assert custom_rules("xla") == 0
+    # tiny (ch_mult (1, 2), one ResBlock per level): conv_in and conv_out, 2 in each of its 8 ResBlocks
+    # (2 down, 2 middle, 4 up), the 1x1 shortcuts of the 5 that change width, the upsampling conv;
+    # not the strided downsampling conv.
+    assert custom_rules("taps") == 2 + 2 * 8 + 5 + 1
 
 
 def test_conv_backward_choice():

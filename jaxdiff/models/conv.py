@@ -1,19 +1,21 @@
-"""A convolution whose weight gradient is written as one matmul per kernel tap.
+"""A convolution whose weight gradient is computed with matmuls.
 
-XLA:CPU runs the forward convolution and the input gradient (itself a forward convolution) at
-about 110 GFLOP/s on this project's 2-core machines, but the weight gradient of a 3x3
-convolution at about 30. The weight gradient of a stride-1 convolution is a sum over kernel
-taps: for tap ``(i, j)``,
+XLA:CPU runs a 3x3 convolution's forward pass and input gradient (itself a forward
+convolution) at 40-65 GFLOP/s on this project's 2-core machines, but the weight gradient at
+17-21 (bench/conv_backward.py). The weight gradient of a stride-1 convolution is a sum over
+kernel taps: for tap ``(i, j)``,
 
     dW[i, j] = sum_{b, h, w} x_pad[b, h + i, w + j, :]^T dy[b, h, w, :]      # [C_in, C_out]
 
-that is one ``[C_in, B H W] @ [B H W, C_out]`` matmul per tap, which XLA:CPU runs at matmul
-speed. :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature (it is passed
-to ``flax.linen.Conv(conv_general_dilated=...)``), computes the same forward pass, and swaps
-in that weight gradient for stride-1, undilated, ungrouped NHWC/HWIO convolutions; every other
-convolution is ``lax.conv_general_dilated`` itself. The UNet uses it on the CPU
-(``UNet.conv_backward``); accelerators keep their own convolution kernels.
-"""
+that is ``[C_in, B H W] @ [B H W, C_out]`` matmuls, which XLA:CPU runs at matmul speed (grouped
+per kernel column, 1.8-2.8x faster than its own on the UNet's shapes).
+:func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature (it is passed to
+``flax.linen.Conv(conv_general_dilated=...)``) and computes the same values. For stride-1,
+undilated, ungrouped NHWC/HWIO convolutions it carries a JVP rule whose tangent in the kernel
+is the convolution written as matmuls, so reverse mode transposes it into the matmul weight
+gradient, while forward mode (``jax.jvp``) keeps working; every other convolution is
+``lax.conv_general_dilated`` itself. The UNet uses it on the CPU (``UNet.conv_backward``);
+accelerators keep their own convolution kernels."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 __all__ = ["CONV_BACKWARDS", "conv_for", "conv_general_dilated"]
 
@@ -44,56 +47,67 @@ def _unit(v) -> bool:
     return v is None or all(int(s) == 1 for s in v)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_taps(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+def _conv(x: jax.Array, w: jax.Array, padding) -> jax.Array:
     return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC)
 
 
-def _conv_taps_fwd(x, w, padding):
-    return _conv_taps(x, w, padding), (x, w)
+def _pad_hw(a: jax.Array, hpad: tuple[int, int], wpad: tuple[int, int]) -> jax.Array:
+    return lax.pad(a, jnp.zeros((), a.dtype), ((0, 0, 0), (*hpad, 0), (*wpad, 0), (0, 0, 0)))
 
 
-def _conv_taps_bwd(padding, res, dy):
-    x, w = res
+@partial(jax.checkpoint, static_argnums=(2,))
+def _conv_by_matmuls(x: jax.Array, w: jax.Array, padding) -> jax.Array:
+    """``conv(x, w)`` written as matmuls, so that its transpose in ``w`` (the weight gradient) is too.
+
+    Checkpointed: the reverse pass keeps ``x`` and recomputes the shifted copies it needs. The
+    layout was chosen by measuring the weight gradient it transposes into (bench/conv_backward.py):
+    """
     kh, kw, c_in, c_out = w.shape
-    (top, bottom), (left, right) = padding
-    # Input gradient: the forward convolution of dy with the flipped, transposed kernel.
-    dx = lax.conv_general_dilated(
-        dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1),
-        ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)), dimension_numbers=_NHWC,
-    )
-    # Weight gradient: dW[i, j] = sum_{b, h, w} x_pad[b, h + i, w + j]^T dy[b, h, w], as matmuls
-    # over the B*H*W positions. Each matmul reads a shifted window of one operand, which XLA
-    # copies; which layout copies least was measured (bench/conv_backward.py):
-    ho, wo = dy.shape[1:3]
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-    hp, wp = xp.shape[1:3]
-    contract = (((0,), (0,)), ((), ()))
+    xp = _pad_hw(x, *padding)
+    b, hp, wp, _ = xp.shape
+    ho, wo = hp - kh + 1, wp - kw + 1
+    y = None
     if c_in >= 3 * c_out:
-        # Wide input: shift dy (padded by the kernel size) instead, one matmul per tap:
-        # dW[i, j] = sum_p x_pad[p]^T dy[p - (i, j)].
-        dyp = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (kh - 1, kh - 1, 0), (kw - 1, kw - 1, 0), (0, 0, 0)))
+        # Wide input, one matmul per tap over the padded positions: z_ij = x_pad @ w[i, j] and
+        # y[h, w] = sum_ij z_ij[h + i, w + j]; the transpose shifts dy (the smaller copies).
         x2 = xp.reshape(-1, c_in)
-        taps = [
-            lax.dot_general(x2, dyp[:, kh - 1 - i:kh - 1 - i + hp, kw - 1 - j:kw - 1 - j + wp].reshape(-1, c_out),
-                            contract)
-            for i in range(kh) for j in range(kw)
-        ]
-        dw = jnp.stack(taps).reshape(kh, kw, c_in, c_out)
-    else:
-        # One matmul per kernel column j: x_pad shifted by j columns against the kh row-shifts of
-        # dy side by side (dy_rows[b, p, w, (i, d)] = dy[b, p - i, w, d]), giving every row i at once.
-        dy_rows = jnp.concatenate(
-            [lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (i, kh - 1 - i, 0), (0, 0, 0), (0, 0, 0)))
-             for i in range(kh)], axis=-1).reshape(-1, kh * c_out)
-        cols = [lax.dot_general(xp[:, :, j:j + wo].reshape(-1, c_in), dy_rows, contract).reshape(c_in, kh, c_out)
-                for j in range(kw)]
-        dw = jnp.stack(cols).transpose(2, 0, 1, 3)  # [kw, C_in, kh, C_out] -> [kh, kw, C_in, C_out]
-    dw = dw.astype(w.dtype)
-    return dx.astype(x.dtype), dw
+        for i in range(kh):
+            for j in range(kw):
+                z = (x2 @ w[i, j]).reshape(b, hp, wp, c_out)[:, i:i + ho, j:j + wo]
+                y = z if y is None else y + z
+        return y
+    # One matmul per kernel column j against the kh rows side by side:
+    # z_j[b, p, w, (i, d)] = x_pad[b, p, w + j] @ w[i, j] and y[h] = sum_{i, j} z_j[h + i, ..., i, :];
+    # the transpose is x_pad[:, :, j:j+wo]^T @ (the kh row-shifts of dy, side by side).
+    for j in range(kw):
+        xs = xp[:, :, j:j + wo].reshape(-1, c_in)
+        z = (xs @ w[:, j].transpose(1, 0, 2).reshape(c_in, kh * c_out)).reshape(b, hp, wo, kh, c_out)
+        for i in range(kh):
+            y = z[:, i:i + ho, :, i] if y is None else y + z[:, i:i + ho, :, i]
+    return y
 
 
-_conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _conv_taps(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    return _conv(x, w, padding)
+
+
+@partial(_conv_taps.defjvp, symbolic_zeros=True)
+def _conv_taps_jvp(padding, primals, tangents):
+    # A JVP rule (not a VJP rule), so forward-mode users (jax.jvp, ode_nll's divergence) work too:
+    # the tangent in x goes through XLA's convolution (its transpose, the input gradient, is XLA's);
+    # the tangent in w through the matmul form, whose transpose is the fast weight gradient.
+    x, w = primals
+    dx, dw = tangents
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_conv(dx, w, padding))
+    if not isinstance(dw, SymbolicZero):
+        terms.append(_conv_by_matmuls(x, dw, padding).astype(x.dtype))
+    y = _conv(x, w, padding)
+    if not terms:
+        return y, jnp.zeros_like(y)
+    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 def conv_general_dilated(
