@@ -260,15 +260,16 @@ def test_sigterm_at_a_random_moment_then_resume_matches_uninterrupted_run(tmp_pa
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-    """Two processes x 2 devices: SIGTERM to one stops both at one step; the same command resumes;
-    the result equals one process on 4 devices run without interruption (the sharding changes the
-    reduction order only, hence allclose). This is also the plain 2-process == 1-process check."""
+    """Two processes x 2 devices: SIGTERM to one stops both at one step; the same command resumes,
+    and the result is bitwise the uninterrupted 2-process run's (over 40 steps the reduction order
+    of another device layout moves near-zero parameters by more than any useful tolerance; the
+    2-process == 1-process check is tests/test_training.py's, over 4 steps)."""
     import portpicker
 
     workdir = tmp_path / "two"
     steps = ["--config.train.num_steps=40", "--config.train.checkpoint_every=5"]
 
-    def two_processes():
+    def two_processes(workdir=workdir):
         port = portpicker.pick_unused_port()
         return [subprocess.Popen(train_command(workdir, *steps, f"--coordinator_address=localhost:{port}",
                                                "--num_processes=2", f"--process_id={i}"),
@@ -282,8 +283,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     time.sleep(np.random.default_rng(int(time.time())).uniform(0.0, 0.3))
     procs[1].send_signal(signal.SIGTERM)  # process 0 gets no signal: it must learn it from process 1
     errs = [p.communicate(timeout=300)[1] for p in procs]
-    stopped_early = not all(p.returncode == 0 for p in procs)
-    if stopped_early:
+    if not all(p.returncode == 0 for p in procs):
         assert [p.returncode for p in procs] == [143, 143], errs[0][-2000:] + errs[1][-2000:]
         stopped = [int(e.split("stopped by SIGTERM at step ")[1].split(";")[0]) for e in errs]
         assert stopped[0] == stopped[1] and stopped[0] in _steps(workdir)
@@ -291,11 +291,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
         for p in two_processes():  # the same command resumes
             _, err = p.communicate(timeout=600)
             assert p.returncode == 0, err[-4000:]
-    run(train_command(tmp_path / "one", *steps), subprocess_env(4))
-    _, ref = final_params(str(tmp_path / "one"))
+    else:
+        pytest.skip("the run finished before the signal")
+    for p in two_processes(tmp_path / "ref"):  # the uninterrupted run
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    _, ref = final_params(str(tmp_path / "ref"))
     step, got = final_params(str(workdir))
     assert step == 40 and _metric_steps(workdir) == list(range(1, 41))
     for a, b in zip(got, ref, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    if not stopped_early:
-        pytest.skip("the run finished before the signal (the 2-process == 1-process part was checked)")
+        np.testing.assert_array_equal(a, b)

@@ -182,8 +182,25 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-# The 2-process == 1-process check is part of test_resume.py's 2-process SIGTERM test (two processes,
-# interrupted and resumed, against one process run without interruption).
+@pytest.mark.slow
+def test_two_process_distributed_run_matches_one_process(tmp_path):
+    import portpicker
+
+    steps = ["--config.train.num_steps=4", "--config.train.checkpoint_every=2"]
+    run(train_command(tmp_path / "one", *steps), subprocess_env(4))
+    port = portpicker.pick_unused_port()
+    workdir = tmp_path / "two"
+    procs = [subprocess.Popen(train_command(workdir, *steps, f"--coordinator_address=localhost:{port}",
+                                            "--num_processes=2", f"--process_id={i}"),
+                              env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    _, ref = final_params(str(tmp_path / "one"))
+    _, got = final_params(str(workdir))
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_eval_reports_finite_bits_per_dim(trained_workdir):
