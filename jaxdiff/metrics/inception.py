@@ -9,7 +9,8 @@ form, folded into the convolution here) and ReLU. The features are the global av
 
 The input pipeline is pytorch-fid's: uint8 ``/ 255`` to [0, 1], bilinear resize to 299x299
 with torch's ``F.interpolate(mode="bilinear", align_corners=False)`` (no antialiasing, also when
-downscaling: :func:`resize_bilinear`), then ``2 x - 1``.
+downscaling: :func:`resize_bilinear`), then ``2 x - 1`` (:mod:`jaxdiff.metrics.inception_input`,
+re-exported here).
 
 Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` converted to safetensors by
 ``python -m jaxdiff.metrics.convert_inception IN.pth OUT.safetensors``, keys unchanged
@@ -29,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.metrics.inception_input import INPUT_SIZE, check_images, preprocess, resize_bilinear
+
 __all__ = [
     "BN_EPS",
     "FEATURE_DIM",
@@ -42,7 +45,6 @@ __all__ = [
     "resize_bilinear",
 ]
 
-INPUT_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3  # torchvision BasicConv2d: nn.BatchNorm2d(out_channels, eps=0.001)
 BLOCKS = ("block0", "block1", "Mixed_5d", "Mixed_6e", "Mixed_7c", "pool3")
@@ -215,62 +217,6 @@ class FIDInceptionV3(nn.Module):
         x = out["Mixed_7c"] = InceptionE("max", **p, name="Mixed_7c")(x)
         out["pool3"] = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)), flattened
         return out if return_blocks else out["pool3"]
-
-
-# --------------------------------------------------------------------------- input pipeline
-def _linear_taps(in_size: int, out_size: int):
-    """torch's CPU ``upsample_bilinear2d`` (align_corners=False) taps along one axis, computed in
-    float32 as torch does: ``src = max(scale (i + 1/2) - 1/2, 0)``, ``scale = in / out``,
-    ``i0 = min(floor(src), in - 1)``, ``i1 = min(i0 + 1, in - 1)``, ``w1 = src - i0``.
-    Returns ``(i0, i1, w0, w1)``, each ``[out_size]``."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-    src = np.maximum(src, np.float32(0.0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    w1 = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0))
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    return i0, i1, np.float32(1.0) - w1, w1
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` in NHWC, without antialiasing
-    (``jax.image.resize`` antialiases when downscaling; torch does not).
-
-    ``x: [N, H, W, C]`` float -> ``[N, size[0], size[1], C]`` (same dtype). Shapes are static:
-    the gather indices and weights are constants of the trace.
-    """
-    if x.ndim != 4:
-        raise ValueError(f"resize_bilinear: x must be [N, H, W, C], got shape {x.shape}")
-    out_h, out_w = size
-    h0, h1, hw0, hw1 = _linear_taps(x.shape[1], out_h)
-    w0, w1, ww0, ww1 = _linear_taps(x.shape[2], out_w)
-    rows = jnp.take(x, h0, axis=1) * hw0[None, :, None, None] + jnp.take(x, h1, axis=1) * hw1[None, :, None, None]
-    return jnp.take(rows, w0, axis=2) * ww0[None, None, :, None] + jnp.take(rows, w1, axis=2) * ww1[None, None, :, None]
-
-
-def preprocess(images: jax.Array) -> jax.Array:
-    """pytorch-fid's input pipeline: ``images: [N, H, W, C]`` uint8, ``C`` in {1, 3} ->
-    ``[N, 299, 299, 3]`` float32 in [-1, 1] (``/ 255``, bilinear resize, ``2 x - 1``; one channel
-    is repeated to three, as PIL's ``convert("RGB")`` does)."""
-    x = images.astype(jnp.float32) / jnp.float32(255.0)
-    if x.shape[-1] == 1:
-        x = jnp.repeat(x, 3, axis=-1)
-    x = resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
-    return 2.0 * x - 1.0
-
-
-def check_images(images, name: str = "images") -> np.ndarray:
-    """``images`` as a host array after checking it is uint8 ``[N, H, W, C]`` with ``C`` in {1, 3}."""
-    arr = np.asarray(images)
-    if arr.ndim != 4:
-        raise ValueError(f"{name} must be uint8 [N, H, W, C], got rank {arr.ndim} (shape {arr.shape})")
-    if arr.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 in [0, 255] (as pytorch-fid reads image files), got dtype {arr.dtype}")
-    if arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels (NHWC), got shape {arr.shape}")
-    if arr.shape[1] < 1 or arr.shape[2] < 1:
-        raise ValueError(f"{name} must have a non-empty image size, got shape {arr.shape}")
-    return arr
 
 
 # --------------------------------------------------------------------------- weights
