@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import diffusion as d
-from jaxdiff import flow, guidance, likelihood, losses, samplers
+from jaxdiff import flow, guidance, likelihood, losses, objectives, samplers
 from jaxdiff.models import UNet
 from jaxdiff.samplers import registry
 from jaxdiff.schedules import linear_schedule
@@ -64,7 +64,7 @@ def net_params():
 
 def _generate(apply_fn, labels, **kw):
     kw = {"sampler": "ddim", "num_steps": 1, "num_classes": NUM_CLASSES, **kw}
-    return generate(apply_fn, None, SCHED, KEY, jnp.asarray(labels), (8, 8, 1), **kw)
+    return generate(objectives.Diffusion(schedule=SCHED), apply_fn, None, KEY, jnp.asarray(labels), (8, 8, 1), **kw)
 
 
 def _cfg(labels, batch=2, **kw):

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdiff import data
+from jaxdiff import data, objectives
 from jaxdiff.samplers import registry
 from jaxdiff.training import loop, phema
 from jaxdiff.training.setup import validate_config
@@ -60,10 +60,10 @@ def test_edm_step_is_the_edm_loss_of_a_linear_network():
     root, step = jax.random.key(7), 3
     params = {"a": jnp.asarray(0.3), "c": jnp.asarray(-0.2)}
     tx = optax.sgd(1.0)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params), ema_params=params)
-    new, metrics = jax.jit(lambda s, bt: train_step(s, bt, root, apply_fn=_toy_apply, tx=tx, schedule=None,
-                                                    objective="edm", sigma_data=SIGMA_DATA, p_mean=P_MEAN,
-                                                    p_std=P_STD))(state, batch)
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
+                       apply_fn=_toy_apply, tx=tx)
+    objective = objectives.EDM(sigma_data=SIGMA_DATA, p_mean=P_MEAN, p_std=P_STD)
+    new, metrics = jax.jit(train_step)(state, batch, root, objective)
     sub = jax.vmap(lambda k: jax.random.split(k, 4))(example_keys(root, jnp.asarray(step), batch["index"]))
     z = np.asarray(jax.vmap(lambda k: jax.random.normal(k, ()))(sub[:, 0]), np.float64)
     sigma = np.exp(P_MEAN + P_STD * z)
@@ -86,8 +86,7 @@ def test_edm_training_reduces_the_loss_on_fixed_keys():
     tx = make_optimizer(3e-3, grad_clip=1.0)
     state = create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
     source = data.make_source("digits")
-    step = jax.jit(lambda s, bt, k: train_step(s, bt, k, apply_fn=model.apply, tx=tx, schedule=None,
-                                               objective="edm"))
+    step = jax.jit(lambda s, bt, k: train_step(s, bt, k, objectives.EDM()))
 
     def batch(i, n=32):
         bt = data.get_batch(source, i, global_batch_size=n, seed=0)
@@ -187,8 +186,8 @@ def test_generate_with_the_edm_sampler_is_finite():
     model = make_model(config.model, num_classes=10, learned_variance=False)
     params = create_train_state(jax.random.key(0), model, make_optimizer(1e-3), (8, 8, 1), num_classes=10).params
     params = jax.tree_util.tree_map(lambda p: p + 0.01, params)  # a non-zero output layer
-    out = generate(model.apply, params, None, jax.random.key(0), jnp.arange(5), (8, 8, 1), sampler="edm",
-                   num_steps=4, guidance_scale=2.0, num_classes=10, objective="edm")
+    out = generate(objectives.EDM(), model.apply, params, jax.random.key(0), jnp.arange(5), (8, 8, 1), sampler="edm",
+                   num_steps=4, guidance_scale=2.0, num_classes=10)
     assert out.shape == (5, 8, 8, 1) and bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -221,11 +220,10 @@ def test_tracked_ema_follows_edm2_eq_127_inside_the_step():
     params = {"a": jnp.asarray(0.3), "c": jnp.asarray(-0.2)}
     tx = optax.sgd(0.5)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
-                       posthoc_ema=posthoc_ema.init(params, (0.05, 0.10)))
+                       posthoc_ema=posthoc_ema.init(params, (0.05, 0.10)), apply_fn=_toy_apply, tx=tx)
     x0 = jax.random.uniform(jax.random.key(5), (4, 4, 4, 1), minval=-1.0, maxval=1.0)
     batch = {"image": x0, "index": jnp.arange(4)}
-    step = jax.jit(lambda s: train_step(s, batch, jax.random.key(2), apply_fn=_toy_apply, tx=tx, schedule=None,
-                                        objective="edm"))
+    step = jax.jit(lambda s: train_step(s, batch, jax.random.key(2), objectives.EDM()))
     gammas = []
     for sr in (0.05, 0.10):
         roots = np.roots([1.0, 7.0, 16.0 - sr**-2, 12.0 - sr**-2])

@@ -6,6 +6,7 @@ References: each sample regenerated one by one with ``generate`` from its own ke
 :func:`jaxdiff.metrics.digits.digits_fd` (batch NumPy statistics and its own floor).
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -59,9 +60,9 @@ def _one_by_one(wd, seed, num_samples):
     """Samples ``[N, 8, 8, 1]`` in [-1, 1] generated one at a time (the reference of the sharded path)."""
     run, config = wd.run, wd.config
     fn = jax.jit(functools.partial(
-        generate, run.model.apply, schedule=run.schedule, image_shape=run.image_shape, sampler=config.sample.sampler,
+        generate, run.objective, run.model.apply, image_shape=run.image_shape, sampler=config.sample.sampler,
         num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance,
-        num_classes=run.num_classes, prediction=config.diffusion.prediction, clip_x0=config.sample.clip_x0))
+        num_classes=run.num_classes, clip_x0=config.sample.clip_x0))
     labels = imgs.grid_labels(num_samples, run.num_classes)
     out = [fn(wd.ema_params, key=jax.random.fold_in(jax.random.key(seed), i), labels=jnp.asarray(labels[i:i + 1]))
            for i in range(num_samples)]
@@ -84,11 +85,8 @@ def test_job_logs_digits_fd_equal_to_digits_fd_of_its_samples(workdir):
 
 
 def _features(wd, network, devices, *, seed=0, num_samples=13, batch_size=8):
-    run, config = wd.run, wd.config
-    return quality.generated_features(
-        run.model.apply, wd.ema_params, run.schedule, network, num_samples=num_samples, seed=seed,
-        image_shape=run.image_shape, num_classes=run.num_classes, batch_size=batch_size, keep=10, devices=devices,
-        progress=False, **quality._gen_kwargs(config, run))
+    return quality.generated_features(wd.run.sampling(), wd.ema_params, network, num_samples=num_samples, seed=seed,
+                                      batch_size=batch_size, keep=10, devices=devices, progress=False)
 
 
 def test_one_and_eight_devices_agree_and_seed_determines_the_result(workdir):
@@ -170,3 +168,73 @@ def test_eval_script_fid_digits_and_missing_inception(workdir, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     assert "error: Inception weights file" in proc.stderr and "missing.safetensors" in proc.stderr
+
+
+def _edm_heun_reference(apply_fn, params, label, x_T, key_unused, *, sigma_data, num_steps, sigma_min=0.002,
+                        sigma_max=80.0, rho=7.0):
+    """EDM Algorithm 1 (Heun, no churn) written from the paper for one labelled example, float64 on the host:
+    eq. 5's grid, Table 1's preconditioning with ``sigma_data``, ``c_noise = ln(sigma) / 4`` fed to the UNet as
+    ``t = 1000 (c_noise + 1.6) / 3`` (jaxdiff.edm.unet_time's documented map)."""
+    del key_unused
+    i = np.arange(num_steps, dtype=np.float64)
+    sig = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    sig = np.append(sig, 0.0)
+
+    def D(x, s):
+        c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+        c_out = s * sigma_data / np.sqrt(s**2 + sigma_data**2)
+        c_in = 1.0 / np.sqrt(s**2 + sigma_data**2)
+        t = 1000.0 * (np.log(s) / 4.0 + 1.6) / 3.0
+        F = apply_fn({"params": params}, jnp.asarray(c_in * x, jnp.float32), jnp.full((1,), t, jnp.float32),
+                     jnp.asarray([label]), train=False)
+        return c_skip * x + c_out * np.asarray(F, np.float64)
+
+    x = sigma_max * np.asarray(x_T, np.float64)
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        d = (x - D(x, s)) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            x_next = x + (s_next - s) * 0.5 * (d + (x_next - D(x_next, s_next)) / s_next)
+        x = x_next
+    return x
+
+
+@pytest.mark.slow
+def test_fid_path_and_grid_path_draw_the_same_samples_with_the_runs_sigma_data(tmp_path):
+    """An EDM run with sigma_data = 0.7: the training job's sample grid, ``sample_workdir`` and the FID
+    evaluation all draw through ``Run.sampling``, and with the same key they draw the same sample, which
+    is EDM's Heun with sigma_data = 0.7 written out here (and not the one of sigma_data = 0.5)."""
+    from jaxdiff.training.generate import sample_images
+
+    config = tiny_config(num_steps=2, checkpoint_every=2)
+    config.diffusion.objective = "edm"
+    config.diffusion.sigma_data = 0.7
+    config.sample.sampler = "edm"
+    config.sample.num_steps = 3
+    config.model.dropout = 0.0
+    loop.train_and_evaluate(config, str(tmp_path))
+    wd = load_workdir(str(tmp_path))
+    run, params = wd.run, wd.ema_params
+    params = jax.tree_util.tree_map(lambda p: p + 0.02, params)  # a network whose output moves the samples
+    sampling = run.sampling()
+    seed, n = 3, 2
+    labels = imgs.grid_labels(n, run.num_classes)
+    grid = jax.jit(sampling)
+    per_key = [np.asarray(grid(params, jax.random.fold_in(jax.random.key(seed), i), jnp.asarray(labels[i:i + 1])))
+               for i in range(n)]
+    network = quality.FeatureNetwork("identity", lambda x: np.asarray(x).reshape(len(x), -1), 64, "")
+    gen = quality.generated_features(sampling, params, network, num_samples=n, seed=seed, keep=n,
+                                     devices=jax.devices()[:2], progress=False)
+    want = imgs.to_uint8(np.concatenate(per_key)).astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(gen.features, want.reshape(n, -1), atol=1.01 / 127.5)  # sharded: a rounding apart
+    # sample_images (sample_workdir's path) draws batch i from fold_in(key(seed), i): one sample a batch
+    got, _ = sample_images(dataclasses.replace(wd, ema_params=params), n, seed=seed, batch_size=1)
+    assert np.abs(got.astype(int) - imgs.to_uint8(np.concatenate(per_key)).astype(int)).max() <= 1
+    # The sample is EDM's Heun with the run's sigma_data (the sampler draws x_T from the first half of the key).
+    for i in range(n):
+        k_init = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))[0]
+        x_T = jax.random.normal(k_init, (1, *run.image_shape), jnp.float32)
+        for sigma_data, close in ((0.7, True), (0.5, False)):
+            ref = _edm_heun_reference(run.model.apply, params, labels[i], x_T, None, sigma_data=sigma_data,
+                                      num_steps=3)
+            assert np.allclose(per_key[i], ref, atol=2e-3) == close, (sigma_data, np.abs(per_key[i] - ref).max())

@@ -6,7 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
-import time
+import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -227,27 +227,26 @@ def test_a_failed_async_save_stops_the_run_at_the_next_step(tmp_path, monkeypatc
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "4"))
 
 
+def signalled_command(at: int, workdir, *extra):
+    """The training command, with SIGTERM sent to the process by a step hook after step ``at``."""
+    cmd = train_command(workdir, *extra)
+    return [sys.executable, os.path.join(os.path.dirname(__file__), "signal_at_step.py"), str(at), *cmd[2:]]
+
+
 @pytest.mark.slow
-def test_sigterm_at_a_random_moment_then_resume_matches_uninterrupted_run(tmp_path):
+def test_sigterm_during_a_run_then_resume_matches_uninterrupted_run(tmp_path):
     env = subprocess_env(2)
     steps = ["--config.train.num_steps=30", "--config.train.checkpoint_every=5"]
     run(train_command(tmp_path / "ref", *steps), env)
     workdir = tmp_path / "stopped"
-    proc = subprocess.Popen(train_command(workdir, *steps), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (workdir / "metrics.jsonl").exists():
-        time.sleep(0.02)
-    time.sleep(np.random.default_rng(int(time.time())).uniform(0.0, 0.5))  # a random moment in the loop
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal")
+    proc = subprocess.run(signalled_command(7, workdir, *steps), env=env, capture_output=True, text=True,
+                          timeout=600)  # SIGTERM between checkpoints (5 and 10), while step 8 is queued
+    err = proc.stderr
     assert proc.returncode == 143, err[-3000:]
     line = [x for x in err.splitlines() if x.startswith("stopped by SIGTERM at step")]
     assert line and "same command" in line[0], err[-3000:]
     stopped_at = int(line[0].split("at step ")[1].split(";")[0])
-    assert stopped_at in _steps(workdir)
+    assert 7 <= stopped_at < 10 and stopped_at in _steps(workdir)  # stopped within a step or two, not at 10
     assert _metric_steps(workdir) == list(range(1, stopped_at + 1))
     run(train_command(workdir, *steps), env)
     _, ref = final_params(str(tmp_path / "ref"))
@@ -269,30 +268,25 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     workdir = tmp_path / "two"
     steps = ["--config.train.num_steps=40", "--config.train.checkpoint_every=5"]
 
-    def two_processes(workdir=workdir):
+    def two_processes(workdir=workdir, signal_at=None):
         port = portpicker.pick_unused_port()
-        return [subprocess.Popen(train_command(workdir, *steps, f"--coordinator_address=localhost:{port}",
-                                               "--num_processes=2", f"--process_id={i}"),
+        flags = [*steps, f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+        # Process 1 alone gets SIGTERM (from its step hook); process 0 must learn it from process 1.
+        return [subprocess.Popen(signalled_command(signal_at, workdir, *flags, f"--process_id={i}")
+                                 if signal_at is not None and i == 1 else
+                                 train_command(workdir, *flags, f"--process_id={i}"),
                                  env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for i in range(2)]
 
-    procs = two_processes()
-    deadline = time.time() + 300
-    while time.time() < deadline and procs[1].poll() is None and not (workdir / "metrics.jsonl").exists():
-        time.sleep(0.02)
-    time.sleep(np.random.default_rng(int(time.time())).uniform(0.0, 0.3))
-    procs[1].send_signal(signal.SIGTERM)  # process 0 gets no signal: it must learn it from process 1
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    if not all(p.returncode == 0 for p in procs):
-        assert [p.returncode for p in procs] == [143, 143], errs[0][-2000:] + errs[1][-2000:]
-        stopped = [int(e.split("stopped by SIGTERM at step ")[1].split(";")[0]) for e in errs]
-        assert stopped[0] == stopped[1] and stopped[0] in _steps(workdir)
-        assert _metric_steps(workdir) == list(range(1, stopped[0] + 1))
-        for p in two_processes():  # the same command resumes
-            _, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err[-4000:]
-    else:
-        pytest.skip("the run finished before the signal")
+    procs = two_processes(signal_at=12)
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], errs[0][-2000:] + errs[1][-2000:]
+    stopped = [int(e.split("stopped by SIGTERM at step ")[1].split(";")[0]) for e in errs]
+    assert stopped[0] == stopped[1] and 12 <= stopped[0] < 15 and stopped[0] in _steps(workdir)
+    assert _metric_steps(workdir) == list(range(1, stopped[0] + 1))
+    for p in two_processes():  # the same command resumes
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
     for p in two_processes(tmp_path / "ref"):  # the uninterrupted run
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]

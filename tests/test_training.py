@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import data
+from jaxdiff import data, objectives
 from jaxdiff.training import loop
 from jaxdiff.training.parallel import DataParallel
 from jaxdiff.training.setup import make_model, make_schedule
@@ -26,11 +26,11 @@ def _run_steps(config, mode, devices, num_steps=3):
     source = data.make_source("digits")
     model = make_model(config.model, num_classes=10, learned_variance=False)
     tx = make_optimizer(1e-3, warmup_steps=0, grad_clip=1.0)
-    host = jax.device_get(create_train_state(jax.random.key(0), model, tx, (8, 8, 1), num_classes=10))
+    host = jax.device_get(create_train_state(jax.random.key(0), model, tx, (8, 8, 1), num_classes=10, ema_decay=0.9,
+                                             label_dropout=0.3))
     par = DataParallel(mode, devices=devices)
-    step = par.compile_step(
-        lambda s, b, k, axis_name: train_step(s, b, k, apply_fn=model.apply, tx=tx, schedule=make_schedule(config.diffusion),
-                                              num_classes=10, label_dropout=0.3, ema_decay=0.9, axis_name=axis_name))
+    objective = objectives.Diffusion(schedule=make_schedule(config.diffusion))
+    step = par.compile_step(lambda s, b, k, axis_name: train_step(s, b, k, objective, axis_name=axis_name))
     state = par.put_state(host)
     for s in range(num_steps):
         batch = data.get_batch(source, s, global_batch_size=16, seed=0)
@@ -57,8 +57,7 @@ def test_nonfinite_update_is_not_applied():
     tx = make_optimizer(1e-3)
     state = create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
     batch = {"image": jnp.full((4, 8, 8, 1), jnp.nan), "index": jnp.arange(4)}
-    new, metrics = train_step(state, batch, jax.random.key(0), apply_fn=model.apply, tx=tx,
-                              schedule=make_schedule(config.diffusion))
+    new, metrics = train_step(state, batch, jax.random.key(0), objectives.from_config(config.diffusion))
     assert float(metrics["finite"]) == 0.0
     for a, b in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params)):
         np.testing.assert_array_equal(a, b)
@@ -223,9 +222,9 @@ def test_first_step_loss_matches_the_objective_at_a_zero_network(objective):
     tx = make_optimizer(1e-3)
     state = create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
     batch = data.get_batch(data.make_source("digits"), 0, global_batch_size=256, seed=0)
-    _, metrics = train_step(state, {"image": jnp.asarray(batch["image"]), "index": jnp.asarray(batch["index"])},
-                            jax.random.key(3), apply_fn=model.apply, tx=tx, schedule=make_schedule(config.diffusion),
-                            objective=objective)
+    _, metrics = jax.jit(train_step)(state, {"image": jnp.asarray(batch["image"]),
+                                             "index": jnp.asarray(batch["index"])},
+                                     jax.random.key(3), objectives.from_config(config.diffusion))
     x0_sq = float(np.mean(batch["image"].astype(np.float64) ** 2))
     want = 1.0 if objective == "diffusion" else 1.0 + x0_sq
     n = batch["image"].size  # chi-square mean of n terms: relative sd sqrt(2/n) for eps^2

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import data, likelihood
+from jaxdiff import data, likelihood, objectives
 from jaxdiff.training.workdir import load_workdir
 
 __all__ = ["evaluate_workdir", "check_eval_output", "write_eval", "EVAL_FILE"]
@@ -72,35 +72,32 @@ def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int 
 
     A class-conditional model is evaluated unconditionally (the null label). ``ema``: a ``sigma_rel``
     whose post-hoc EMA reconstruction is evaluated instead of the run's EMA (``load_workdir``).
-    Only ``objective="diffusion"`` models have these likelihoods here (ValueError naming the objective).
+    Only models of an objective with a discrete schedule (``objective.discrete``: diffusion) have
+    these likelihoods here (ValueError naming the objective otherwise).
     """
     if num_examples <= 0 or ode_examples < 0 or batch_size <= 0:
         raise ValueError(f"num_examples and batch_size must be positive and ode_examples >= 0, got "
                          f"{num_examples}, {batch_size}, {ode_examples}")
     wd = load_workdir(workdir, ema=ema)
-    run, config, params = wd.run, wd.config, wd.ema_params
-    schedule, model, num_classes, image_shape = run.schedule, run.model, run.num_classes, run.image_shape
-    if run.objective != "diffusion":
-        raise ValueError(f"{workdir} trained an objective={run.objective!r} model: the variational bound and the "
-                         "PF-ODE bits/dim here need objective='diffusion' (a discrete schedule)")
+    run, config, objective = wd.run, wd.config, wd.run.objective
+    if not objective.discrete:
+        raise ValueError(f"{workdir} trained an objective={objective.name!r} model: the variational bound and the "
+                         f"PF-ODE bits/dim here need an objective with a discrete schedule "
+                         f"(one of {[n for n, o in objectives.OBJECTIVES.items() if o.discrete]})")
+    schedule, prediction, learned = objective.schedule, objective.prediction, objective.learned_variance
     images = data.get_batch(run.source, 0, global_batch_size=num_examples, seed=seed,
                             image_size=config.data.image_size or None)["image"]
-    c = image_shape[-1]
-
-    def model_fn(x, t):
-        y = None if num_classes is None else jnp.full((x.shape[0],), num_classes, jnp.int32)
-        return model.apply({"params": params}, x, t, y, train=False)
-
-    eps_fn = (lambda x, t: model_fn(x, t)[..., :c]) if config.diffusion.learned_variance else model_fn
-    variance = "learned_range" if config.diffusion.learned_variance else "fixed_large"
+    c = run.image_shape[-1]
+    model_fn = run.network(wd.ema_params)  # unconditional: the null label of a class-conditional model
+    eps_fn = (lambda x, t: model_fn(x, t)[..., :c]) if learned else model_fn
+    variance = "learned_range" if learned else "fixed_large"
     key = jax.random.key(seed)
     vlb = likelihood.variational_bound_bpd(schedule, model_fn, images, jax.random.fold_in(key, 0),
-                                           batch_size=batch_size, prediction=config.diffusion.prediction,
-                                           variance=variance)
+                                           batch_size=batch_size, prediction=prediction, variance=variance)
     out = {"vlb_bpd": float(vlb["bpd"]), "vlb_prior_bpd": float(vlb["prior_bpd"]), "num_examples": num_examples,
            "vlb_variance": variance}
     if ode_examples:
-        ode = jax.jit(lambda x, k: likelihood.ode_bpd(schedule, eps_fn, x, k, prediction=config.diffusion.prediction,
+        ode = jax.jit(lambda x, k: likelihood.ode_bpd(schedule, eps_fn, x, k, prediction=prediction,
                                                       rtol=rtol, atol=atol))
         res = ode(jnp.asarray(images[:ode_examples]), jax.random.fold_in(key, 1))
         out.update(ode_bpd=float(np.mean(res["bpd"])), ode_nfe=int(res["nfe"]), ode_examples=ode_examples)

@@ -1,114 +1,30 @@
-"""Generating images with a trained UNet: the pure ``generate`` and ``sample_workdir`` for a workdir.
+"""Images from a trained workdir (``sample_images``, ``sample_workdir``) or a diffusers pipeline folder.
 
-What each sampler accepts comes from :mod:`jaxdiff.samplers.registry` and the guidance formula
-from :func:`jaxdiff.guidance.classifier_free_guidance`; this module only wires a Flax
-``apply_fn`` to them.
-
-A model's conditionality is explicit: ``num_classes`` says whether the model is class-conditional,
-and when ``apply_fn`` is a bound ``UNet.apply`` its ``num_classes`` must agree (``ValueError``
-otherwise), so labels and guidance are never silently ignored. ``sample_workdir`` never loses
-work: every check, the output files' included, is done before the first image is generated,
-and an existing output is refused unless ``overwrite=True``.
+A workdir is sampled through its run's sampling function (``Run.sampling``,
+:mod:`jaxdiff.training.sampling`, which also holds the pure :func:`generate`), the same one the
+training job's grids and the FID evaluation use. ``sample_workdir`` never loses work: every
+check, the output files' included, is done before the first image is generated, and an
+existing output is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import checks, edm, flow, guidance, samplers
+from jaxdiff import samplers
 from jaxdiff.samplers import registry
-from jaxdiff.schedules import Schedule
 from jaxdiff.training import images as imgs
+from jaxdiff.training.sampling import generate
 from jaxdiff.training.workdir import load_workdir
 
 __all__ = ["generate", "sample_images", "sample_workdir", "sample_pipeline"]
-
-
-def generate(apply_fn: Callable, params, schedule: Schedule, key, labels, image_shape, *, sampler: str = "ddim",
-             num_steps=50, eta=0.0, guidance_scale=1.0, num_classes: int | None = None, prediction: str = "epsilon",
-             learned_variance: bool = False, clip_x0: bool = True, objective: str = "diffusion",
-             sigma_data: float = 0.5, options: Mapping | None = None) -> jax.Array:
-    """Samples ``[N, H, W, C]`` float images in about ``[-1, 1]``.
-
-    Args:
-      apply_fn: a Flax ``apply`` of a :class:`jaxdiff.models.UNet` (``(variables, x, t, y, train=)``).
-      labels: ``[N]`` int labels in ``[0, num_classes)`` (checked when concrete); only their
-        number is used by an unconditional model (``num_classes=None``).
-      image_shape: static ``(H, W, C)``.
-      sampler: a name in :data:`jaxdiff.samplers.SAMPLERS` that serves ``objective``.
-      eta: forwarded only to samplers that take it (``ddim``, ``euler_ancestral``).
-      guidance_scale: classifier-free guidance scale ``w`` of a class-conditional model
-        (1 = the conditional model); a concrete value other than 1 on an unconditional model raises.
-      num_classes: the model's number of classes (``None``: unconditional). When ``apply_fn`` is a
-        bound method of a module with a ``num_classes`` field (``UNet.apply``) the two must agree.
-      learned_variance: the network outputs ``2C`` channels; samplers that use learned
-        variances (``ddpm``) get them, the others the first ``C``.
-      objective: the model's training objective. For ``"edm"`` the UNet is the raw network ``F``
-        of the denoiser ``D = edm.precondition(F)`` (``sigma_data``, time input
-        :func:`jaxdiff.edm.unet_time`); guidance combines ``F``'s outputs, which is the same
-        affine combination of ``D``'s. ``schedule``, ``prediction`` and ``clip_x0`` are unused.
-      options: the sampler's own options (:mod:`jaxdiff.samplers.registry`), e.g. ``{"s_churn": 40.0}``
-        for ``edm``; ``eta`` fills in ``"eta"`` when the sampler takes it and ``options`` lacks it.
-
-    Pure and jittable: wrap it in ``jax.jit`` with the strings and shapes bound (e.g. by
-    ``functools.partial``); ``num_steps``, ``eta`` and ``guidance_scale`` may stay traced.
-    """
-    spec = registry.check(sampler, objective=objective, options=options)
-    _check_conditioning(apply_fn, labels, num_classes, guidance_scale)
-    checks.check_nonnegative(eta, "eta")
-    c = image_shape[-1]
-    shape = (labels.shape[0], *image_shape)
-
-    def net(x, t, y):
-        return apply_fn({"params": params}, x, t, y, train=False)
-
-    if num_classes is None:
-        model_fn = functools.partial(net, y=None)
-    else:
-        model_fn = guidance.classifier_free_guidance(net, labels, num_classes, guidance_scale, guided_channels=c)
-    if objective == "flow_matching":
-        return flow.sample(flow.with_time_scale(model_fn), key, shape, method=sampler, num_steps=num_steps)
-    options = dict(options or {})
-    if "eta" in spec.options:
-        options.setdefault("eta", eta)
-    if objective == "edm":
-        denoiser = edm.precondition(lambda x, c: model_fn(x, edm.unet_time(c)), sigma_data=sigma_data)
-        k_init, k_steps = jax.random.split(key)
-        x_T = jax.random.normal(k_init, shape, jnp.float32)
-        return spec.run(None, denoiser, x_T, k_steps, num_steps=num_steps, **options)[0]
-    if learned_variance and spec.learned_variance:
-        options["variance"] = "learned_range"
-    elif learned_variance:
-        model_fn = (lambda fn: lambda x, t: fn(x, t)[..., :c])(model_fn)
-    return samplers.sample(schedule, model_fn, key, shape, sampler=sampler,
-                           num_steps=None if spec.adaptive else num_steps, prediction=prediction,
-                           clip_x0=clip_x0, **options)
-
-
-def _check_conditioning(apply_fn: Callable, labels, num_classes: int | None, guidance_scale) -> None:
-    """Labels and guidance must mean something to the model (module docstring)."""
-    model = getattr(apply_fn, "__self__", None)
-    model_classes = getattr(model, "num_classes", num_classes)
-    if model_classes != num_classes:
-        raise ValueError(f"num_classes={num_classes} but the model of apply_fn has num_classes={model_classes}: "
-                         f"pass the model's num_classes (None for an unconditional model)")
-    if jnp.ndim(labels) != 1:
-        raise ValueError(f"labels must be [N] ints, got shape {jnp.shape(labels)}")
-    if num_classes is None:
-        w = checks.concrete_value(guidance_scale)
-        if w is not None and np.any(w != 1.0):
-            raise ValueError(f"guidance_scale={w.item() if w.size == 1 else w}: the model is unconditional "
-                             f"(num_classes=None), so there is no classifier-free guidance; use 1")
-    else:
-        checks.check_int_range(labels, "labels", 0, num_classes - 1, f" (num_classes={num_classes})")
 
 
 def _check_output(output: str, overwrite: bool) -> list[str]:
@@ -159,30 +75,19 @@ def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | No
     """
     _check_counts(num_samples, batch_size)
     wd = load_workdir(workdir, ema=ema) if isinstance(workdir, str) else workdir
-    run, sm = wd.run, wd.config.sample
-    sampler = sampler or sm.sampler
-    registry.check(sampler, objective=run.objective, num_steps=num_steps, num_timesteps=run.schedule.num_timesteps,
-                   options={**(options or {}), **({} if eta is None else {"eta": eta})}, prefix=prefix)
-    num_steps = sm.num_steps if num_steps is None else num_steps
-    if guidance_scale is not None and run.num_classes is None:
-        raise ValueError(f"{prefix}guidance: the model of this workdir is unconditional (no classifier-free guidance)")
+    run = wd.run
+    sampling = run.sampling(sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+                            options=options, prefix=prefix)
     if labels is None:
         labels = imgs.grid_labels(num_samples, run.num_classes)
     labels = np.asarray(labels, np.int32)
     if labels.shape != (num_samples,):
         raise ValueError(f"labels must have shape [num_samples]=({num_samples},), got {labels.shape}")
-    fn = jax.jit(functools.partial(
-        generate, run.model.apply, schedule=run.schedule, image_shape=run.image_shape, sampler=sampler,
-        num_classes=run.num_classes, prediction=wd.config.diffusion.prediction,
-        learned_variance=wd.config.diffusion.learned_variance, clip_x0=sm.clip_x0, objective=run.objective,
-        sigma_data=wd.config.diffusion.get("sigma_data", 0.5), options=options))
+    fn = jax.jit(sampling)
     key = jax.random.key(seed)
     chunks = []
     for i, start in enumerate(tqdm(range(0, num_samples, batch_size), desc="sample", unit="batch")):
-        y = labels[start:start + batch_size]
-        out = fn(wd.ema_params, key=jax.random.fold_in(key, i), labels=jnp.asarray(y), num_steps=num_steps,
-                 eta=sm.eta if eta is None else eta,
-                 guidance_scale=sm.guidance if guidance_scale is None else guidance_scale)
+        out = fn(wd.ema_params, jax.random.fold_in(key, i), jnp.asarray(labels[start:start + batch_size]))
         chunks.append(imgs.to_uint8(out))
     return np.concatenate(chunks), labels
 

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,6 @@ import tqdm
 from jaxdiff import data
 from jaxdiff.training import checkpoint, phema, quality, resume
 from jaxdiff.training import images as imgs
-from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
 from jaxdiff.training.preemption import Stopped, StopSignals
 from jaxdiff.training.setup import resolve
@@ -114,29 +114,33 @@ def _restore_or_init(config, workdir, manager, host_state, par):
     return manager, state, checked["changes"]
 
 
-def train_and_evaluate(config, workdir: str, *, handle_signals: bool = True):
+def train_and_evaluate(config, workdir: str, *, handle_signals: bool = True,
+                       hooks: Sequence[Callable[[int], None]] = ()):
     """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the final host state.
 
     ``handle_signals``: while it runs, SIGTERM / SIGINT stop it at the next step boundary with a
     checkpoint and raise :class:`jaxdiff.training.preemption.Stopped` (handlers restored on return).
+    ``hooks``: ``hook(step)`` is called on the host after each step is dispatched, with the number
+    of completed steps (e.g. to log, profile, or send a signal at a chosen step in a test).
     """
     with StopSignals() if handle_signals else StopSignals(signals=()) as stop:
-        return _train(config, workdir, stop)
+        return _train(config, workdir, stop, tuple(hooks))
 
 
-def _train(config, workdir: str, stop: StopSignals):
+def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     is_main = jax.process_index() == 0
     par = DataParallel(config.parallel.mode)
-    tr, df, sm = config.train, config.diffusion, config.sample
+    tr, sm = config.train, config.sample
     run = resolve(config, num_devices=par.num_devices)  # every check, before anything is written
     resume.check_writable(workdir)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    schedule, model, tx, num_classes = run.schedule, run.model, run.tx, run.num_classes
+    num_classes = run.num_classes
     root = jax.random.key(config.seed)
     k_init, k_train, k_sample = (jax.random.fold_in(root, i) for i in range(3))
 
-    host_state = jax.device_get(create_train_state(k_init, model, tx, run.image_shape, num_classes=num_classes,
-                                                   posthoc_sigma_rels=phema.sigma_rels(tr)))
+    host_state = jax.device_get(create_train_state(
+        k_init, run.model, run.tx, run.image_shape, num_classes=num_classes, posthoc_sigma_rels=phema.sigma_rels(tr),
+        ema_decay=tr.ema_decay, label_dropout=tr.label_dropout))
     manager = checkpoint.open_manager(workdir, max_to_keep=tr.keep_checkpoints)
     manager, host_state, changes = _restore_or_init(config, workdir, manager, host_state, par)
     start = int(host_state.step)
@@ -144,23 +148,14 @@ def _train(config, workdir: str, stop: StopSignals):
     if is_main:  # only a config that passed every check
         resume.record_start(workdir, start, config_dict, changes)
 
-    step_fn = functools.partial(
-        train_step, apply_fn=model.apply, tx=tx, schedule=schedule, prediction=df.prediction,
-        weighting=df.weighting, min_snr_gamma=df.min_snr_gamma, learned_variance=df.learned_variance,
-        ema_decay=tr.ema_decay, num_classes=num_classes, label_dropout=tr.label_dropout, objective=df.objective,
-        sigma_data=df.get("sigma_data", 0.5), p_mean=df.get("p_mean", -1.2), p_std=df.get("p_std", 1.2))
-    p_step = par.compile_step(step_fn)
+    p_step = par.compile_step(functools.partial(train_step, objective=run.objective))
     state = par.put_state(host_state)
 
-    sample_fn = jax.jit(functools.partial(
-        generate, model.apply, schedule=schedule, image_shape=run.image_shape, sampler=sm.sampler,
-        num_classes=num_classes, prediction=df.prediction, learned_variance=df.learned_variance,
-        clip_x0=sm.clip_x0, objective=df.objective, sigma_data=df.get("sigma_data", 0.5)))
+    sample_fn = jax.jit(run.sampling(prefix="config.sample."))
     labels = imgs.grid_labels(sm.num_samples, num_classes)
 
     def write_samples(host_params, name: str):
-        images = sample_fn(host_params, key=k_sample, labels=jnp.asarray(labels), num_steps=sm.num_steps,
-                           eta=sm.eta, guidance_scale=sm.guidance)
+        images = sample_fn(host_params, k_sample, jnp.asarray(labels))
         if is_main:
             imgs.save_grid(imgs.to_uint8(images), os.path.join(workdir, "samples", f"{name}.png"),
                                ncols=num_classes or None)
@@ -204,6 +199,8 @@ def _train(config, workdir: str, stop: StopSignals):
                 done = step + 1
                 pending.append((done, metrics))
                 bar.update(1)
+                for hook in hooks:
+                    hook(done)
                 checkpoint.check_saves(manager, saved)  # a failed async save stops the run at once
                 stopping = stop_agreed is not None and bool(stop_agreed) and done < tr.num_steps
                 stop_agreed = par.any_process(stop.requested)

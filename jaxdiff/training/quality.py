@@ -4,10 +4,11 @@ The protocol (EDM's, Karras et al. 2022): ``num_samples`` images (50,000 for pub
 numbers) from the EMA parameters, class labels balanced (:func:`jaxdiff.training.images.grid_labels`),
 one seed per run; several seeds give the min and mean.
 
-* Generation is sharded over the devices (:meth:`DataParallel.compile_batched`) batch by
-  batch with a progress bar. Example ``i`` draws its noise from ``fold_in(key(seed), i)``
-  alone (the sampler is ``vmap``-ed over examples), so the samples do not depend on the
-  batch size or the number of devices.
+* Samples are drawn by the run's sampling function (``Run.sampling``: the same one as the
+  training job's sample grids and ``sample_workdir``), sharded over the devices
+  (:meth:`DataParallel.compile_batched`) batch by batch with a progress bar. Example ``i``
+  draws its noise from ``fold_in(key(seed), i)`` alone (``Sampling.per_example``), so the
+  samples do not depend on the batch size or the number of devices.
 * Samples are rounded to uint8 as a saved PNG would be, passed through the feature network
   and streamed into float64 statistics (:func:`jaxdiff.metrics.fid.update_statistics`): no
   more than one batch of images is in memory. The features of the first ``keep`` samples
@@ -27,7 +28,6 @@ one seed per run; several seeds give the min and mean.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -40,10 +40,9 @@ from tqdm import tqdm
 from jaxdiff import data
 from jaxdiff.metrics import digits, fid, inception
 from jaxdiff.metrics.stats import FEATURES, load_features
-from jaxdiff.samplers import registry
 from jaxdiff.training import images as imgs
-from jaxdiff.training.generate import generate
 from jaxdiff.training.parallel import DataParallel
+from jaxdiff.training.sampling import Sampling
 
 __all__ = ["FEATURES", "FeatureNetwork", "Generated", "Reference", "evaluate_quality", "generated_features",
            "load_feature_network", "load_reference", "quality_metrics", "training_evaluator", "TrainingEvaluator"]
@@ -141,38 +140,27 @@ class Generated:
     features: np.ndarray  # [min(count, keep), D]
 
 
-def _per_example(apply_fn, image_shape, gen_kwargs, replicated, indices, labels):
-    """Samples ``[B, H, W, C]``: example ``indices[b]`` from ``fold_in(key, indices[b])`` and ``labels[b]``."""
-    params, schedule, key = replicated
-
-    def one(index, label):
-        return generate(apply_fn, params, schedule, jax.random.fold_in(key, index), label[None], image_shape,
-                        **gen_kwargs)[0]
-
-    return jax.vmap(one)(indices, labels)
-
-
-def generated_features(apply_fn: Callable, params, schedule, network: FeatureNetwork, *, num_samples: int, seed: int,
-                       image_shape: tuple[int, int, int], num_classes: int | None, batch_size: int = 250,
-                       keep: int = 10_000, devices: Sequence[jax.Device] | None = None, progress: bool = True,
-                       **gen_kwargs) -> Generated:
+def generated_features(sampling: Sampling, params, network: FeatureNetwork, *, num_samples: int, seed: int,
+                       batch_size: int = 250, keep: int = 10_000, devices: Sequence[jax.Device] | None = None,
+                       progress: bool = True) -> Generated:
     """Generates ``num_samples`` images on ``devices`` (default: this process's) and streams their features.
 
-    ``gen_kwargs``: the keyword arguments of :func:`jaxdiff.training.generate.generate` (``sampler``,
-    ``num_steps``, ``eta``, ``guidance_scale``, ``prediction``, ...). ``batch_size`` is rounded up to a
-    multiple of the device count; the result does not depend on either (up to float rounding).
+    ``sampling``: the run's sampling function (``Run.sampling``); example ``i`` is
+    ``sampling.per_example`` of ``fold_in(key(seed), i)`` with label ``grid_labels(...)[i]``.
+    ``batch_size`` is rounded up to a multiple of the device count; the result does not depend
+    on either (up to float rounding).
     """
     if num_samples < 2 or batch_size < 1 or keep < 0:
         raise ValueError(f"num_samples must be >= 2, batch_size >= 1 and keep >= 0; got {num_samples}, "
                          f"{batch_size}, {keep}")
     par = DataParallel("sharding", devices=jax.local_devices() if devices is None else devices)
     b = -(-min(batch_size, num_samples) // par.num_devices) * par.num_devices
-    fn = par.compile_batched(functools.partial(_per_example, apply_fn, tuple(image_shape),
-                                               dict(gen_kwargs, num_classes=num_classes)))
-    replicated = par.put_replicated((params, schedule, jax.random.key(seed)))
-    labels = imgs.grid_labels(num_samples, num_classes)
+    fn = par.compile_batched(lambda replicated, idx, y: sampling.per_example(*replicated, idx, y))
+    replicated = par.put_replicated((params, jax.random.key(seed)))
+    labels = imgs.grid_labels(num_samples, sampling.num_classes)
     acc, kept = fid.init_statistics(network.dim), []
-    for start in tqdm(range(0, num_samples, b), desc=f"{network.name} features", unit="batch", disable=not progress):
+    for start in tqdm(range(0, num_samples, b), desc=f"sampling for {network.name} features", unit="batch",
+                      disable=not progress):
         n = min(b, num_samples - start)
         idx = np.arange(start, start + b, dtype=np.int32)  # past num_samples: padding, dropped below
         out = np.asarray(fn(replicated, idx, labels[np.minimum(idx, num_samples - 1)]))[:n]
@@ -206,21 +194,6 @@ def quality_metrics(generated: Generated, reference: Reference, network: Feature
                                                                    num_subsets=kid_subsets)
         out["precision"], out["recall"] = fid.precision_recall(reference.features, generated.features)
     return out
-
-
-def _gen_kwargs(config, run, *, sampler=None, num_steps=None, eta=None, guidance_scale=None, prefix="--") -> dict:
-    """:func:`generate`'s keyword arguments: the run's ``config.sample`` with the overrides that are not None."""
-    sm, df = config.sample, config.diffusion
-    sampler = sampler or sm.sampler
-    registry.check(sampler, objective=run.objective, num_steps=num_steps, num_timesteps=run.schedule.num_timesteps,
-                   options={} if eta is None else {"eta": eta}, prefix=prefix)
-    if guidance_scale is not None and run.num_classes is None:
-        raise ValueError(f"{prefix}guidance: the model of this run is unconditional (no classifier-free guidance)")
-    return dict(sampler=sampler, num_steps=sm.num_steps if num_steps is None else num_steps,
-                eta=sm.eta if eta is None else eta,
-                guidance_scale=sm.guidance if guidance_scale is None else guidance_scale,
-                prediction=df.prediction, learned_variance=df.learned_variance, clip_x0=sm.clip_x0,
-                objective=run.objective)
 
 
 def _default_features(image_shape) -> str:
@@ -259,19 +232,18 @@ def evaluate_quality(workdir: str, *, features: str | None = None, inception_pat
     features = features or _default_features(run.image_shape)
     if features == "digits" and tuple(run.image_shape) != (8, 8, 1):
         raise ValueError(f"features 'digits' need 8x8x1 images; {workdir} makes {run.image_shape}")
-    gen_kwargs = _gen_kwargs(config, run, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
+    sampling = run.sampling(sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
     network = load_feature_network(features, inception_path)
     reference = load_reference(network, ref_stats=ref_stats, source=run.source, max_images=reference_images,
                                image_size=config.data.image_size or None)
     per_seed = []
     for seed in seeds:
-        gen = generated_features(run.model.apply, wd.ema_params, run.schedule, network, num_samples=num_samples,
-                                 seed=int(seed), image_shape=run.image_shape, num_classes=run.num_classes,
-                                 batch_size=batch_size, keep=keep, progress=progress, **gen_kwargs)
+        gen = generated_features(sampling, wd.ema_params, network, num_samples=num_samples, seed=int(seed),
+                                 batch_size=batch_size, keep=keep, progress=progress)
         per_seed.append({"seed": int(seed), **quality_metrics(gen, reference, network, kid_subsets=kid_subsets)})
     names = [k for k in per_seed[0] if k != "seed"]
     return {"features": features, "reference": reference.description, "num_samples": num_samples,
-            "step": wd.step, **{k: gen_kwargs[k] for k in ("sampler", "num_steps", "eta", "guidance_scale")},
+            "step": wd.step, **sampling.settings,
             "per_seed": per_seed, "min": {k: min(r[k] for r in per_seed) for k in names},
             "mean": {k: float(np.mean([r[k] for r in per_seed])) for k in names}}
 
@@ -308,16 +280,15 @@ def training_evaluator(config, run) -> TrainingEvaluator | None:
     ev = config.get("eval")
     if ev is None or (ev.every == 0 and ev.final_samples == 0):
         return None
-    gen_kwargs = _gen_kwargs(config, run, sampler=ev.sampler or None, num_steps=ev.steps or None, prefix="config.eval.")
+    sampling = run.sampling(sampler=ev.sampler or None, num_steps=ev.steps or None, prefix="config.eval.")
     network = load_feature_network(ev.features, ev.inception or None)
     keep = min(max(ev.num_samples, ev.final_samples), 10_000)
     reference = load_reference(network, ref_stats=ev.ref_stats or None, source=run.source, max_images=keep,
                                image_size=config.data.image_size or None)
 
     def evaluate(ema_params, num_samples: int) -> dict:
-        gen = generated_features(run.model.apply, ema_params, run.schedule, network, num_samples=num_samples,
-                                 seed=config.seed, image_shape=run.image_shape, num_classes=run.num_classes,
-                                 batch_size=ev.batch_size, keep=keep, **gen_kwargs)
+        gen = generated_features(sampling, ema_params, network, num_samples=num_samples, seed=config.seed,
+                                 batch_size=ev.batch_size, keep=keep)
         return {f"eval/{k}": v for k, v in quality_metrics(gen, reference, network, kid_subsets=10).items()}
 
     return TrainingEvaluator(ev.every, ev.num_samples, ev.final_samples, evaluate)

@@ -14,20 +14,19 @@ import os
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import data, posthoc_ema, schedules
-from jaxdiff.diffusion import PREDICTIONS
-from jaxdiff.losses import WEIGHTINGS
+from jaxdiff import data, objectives, posthoc_ema, schedules
 from jaxdiff.metrics.stats import FEATURES
 from jaxdiff.models import PRESETS, UNet, check_image_size, get_model
+from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
+from jaxdiff.training.sampling import Sampling, network
 from jaxdiff.training.state import make_optimizer
 
 __all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "get_config", "SCHEDULES",
            "OBJECTIVES", "MODEL_OVERRIDES"]
 
-SCHEDULES = ("linear", "cosine", "sigmoid")
-OBJECTIVES = registry.OBJECTIVES
+OBJECTIVES = objectives.names()
 DTYPES = ("float32", "bfloat16", "float16")
 # config.model fields that override the preset's UNet fields when set (None: the preset's value).
 MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "scale_shift", "num_heads")
@@ -45,17 +44,54 @@ class Run:
     source: data.Source  # the training data
     image_shape: tuple[int, int, int]  # (H, W, C) of the images the model sees
     num_classes: int | None  # labels of a class-conditional model (None: unconditional)
-    schedule: schedules.Schedule
+    objective: objectives.Objective  # what is trained (jaxdiff.objectives), built from config.diffusion
     model: UNet
     tx: optax.GradientTransformation
 
     @property
-    def objective(self) -> str:
-        return self.config.diffusion.objective
+    def schedule(self) -> schedules.Schedule | None:
+        """The objective's discrete schedule (``None`` for objectives without one)."""
+        return getattr(self.objective, "schedule", None)
+
+    def network(self, params, labels=None, guidance_scale=1.0):
+        """``net(x [N, ...], time [N])`` of this run's model with ``params`` bound: ``labels`` ``[N]`` guided
+        with ``guidance_scale`` (:func:`jaxdiff.training.sampling.network`), or, for ``labels=None``, the
+        unconditional model (the null label of a class-conditional one)."""
+        if labels is None and self.num_classes is not None:
+            return lambda x, t: self.model.apply({"params": params}, x, t,
+                                                 jnp.full((x.shape[0],), self.num_classes, jnp.int32), train=False)
+        return network(self.model.apply, params, labels, num_classes=self.num_classes, guidance_scale=guidance_scale,
+                       guided_channels=self.image_shape[-1])
+
+    def sampling(self, *, sampler: str | None = None, num_steps: int | None = None, eta: float | None = None,
+                 guidance_scale: float | None = None, options=None, prefix: str = "--") -> Sampling:
+        """The run's sampling function: ``config.sample`` with the overrides that are not None.
+
+        Checked now, before any work (``ValueError`` naming ``prefix + setting``): a sampler that does
+        not serve the objective, an option it does not take, ``eta < 0``, guidance on an
+        unconditional model. Every caller that draws samples of a run uses it.
+        """
+        sm = self.config.sample
+        sampler = sampler or sm.sampler
+        opts = dict(options or {})
+        self.objective.check_sampler(sampler, num_steps=num_steps,
+                                     options={**opts, **({} if eta is None else {"eta": eta})}, prefix=prefix)
+        if eta is not None and eta < 0:
+            raise ValueError(f"{prefix}eta must be >= 0, got {eta}")
+        if guidance_scale is not None and self.num_classes is None:
+            raise ValueError(f"{prefix}guidance: the model of this run is unconditional (no classifier-free guidance)")
+        return Sampling(objective=self.objective, apply_fn=self.model.apply, image_shape=tuple(self.image_shape),
+                        num_classes=self.num_classes, sampler=sampler,
+                        num_steps=sm.num_steps if num_steps is None else num_steps,
+                        eta=sm.eta if eta is None else eta,
+                        guidance_scale=sm.guidance if guidance_scale is None else guidance_scale,
+                        clip_x0=sm.clip_x0, options=opts)
 
 
-def validate_config(config, *, num_devices: int | None = None) -> None:
+def validate_config(config, *, num_devices: int | None = None) -> objectives.Objective:
     """Checks every setting that needs no data; raises ValueError naming the first bad one.
+
+    Returns the run's objective (:func:`jaxdiff.objectives.from_config`), built while checking.
 
     ``num_devices``: check that the global batch divides over them (``None``: skip, e.g. when sampling).
     """
@@ -78,16 +114,7 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
               f"must be divisible by the number of devices ({num_devices})")
     if config.parallel.mode not in MODES:
         _fail("parallel.mode", config.parallel.mode, f"must be one of {MODES}")
-    if df.objective not in OBJECTIVES:
-        _fail("diffusion.objective", df.objective, f"must be one of {OBJECTIVES}")
-    if df.objective == "flow_matching" and df.learned_variance:
-        _fail("diffusion.learned_variance", True, "flow matching has no variance to learn")
-    if df.objective == "edm":
-        if df.learned_variance:
-            _fail("diffusion.learned_variance", True, "an EDM denoiser has no variance to learn")
-        for name in ("sigma_data", "p_std"):
-            if not df[name] > 0:
-                _fail(f"diffusion.{name}", df[name], "must be positive")
+    objective = objectives.from_config(df)  # checks the settings the objective uses
     phema = tr.get("posthoc_ema")
     if phema is not None and len(phema.sigma_rels):
         try:
@@ -96,19 +123,8 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
             _fail("train.posthoc_ema.sigma_rels", phema.sigma_rels, str(error))
         if not isinstance(phema.snapshot_every, int) or phema.snapshot_every <= 0:
             _fail("train.posthoc_ema.snapshot_every", phema.snapshot_every, "must be a positive integer")
-    if df.schedule not in SCHEDULES:
-        _fail("diffusion.schedule", df.schedule, f"must be one of {SCHEDULES}")
-    if df.num_timesteps <= 0:
-        _fail("diffusion.num_timesteps", df.num_timesteps, "must be a positive integer")
-    if df.prediction not in PREDICTIONS:
-        _fail("diffusion.prediction", df.prediction, f"must be one of {PREDICTIONS}")
-    if df.weighting not in WEIGHTINGS:
-        _fail("diffusion.weighting", df.weighting, f"must be one of {WEIGHTINGS}")
-    if not df.min_snr_gamma > 0:
-        _fail("diffusion.min_snr_gamma", df.min_snr_gamma, "must be positive")
     adaptive = sm.sampler in registry.SAMPLERS and registry.SAMPLERS[sm.sampler].adaptive
-    registry.check(sm.sampler, objective=df.objective, num_steps=None if adaptive else sm.num_steps,
-                   num_timesteps=df.num_timesteps, prefix="config.sample.")
+    objective.check_sampler(sm.sampler, num_steps=None if adaptive else sm.num_steps, prefix="config.sample.")
     if sm.eta < 0:
         _fail("sample.eta", sm.eta, "must be >= 0")
     if sm.guidance != 1.0 and not md.class_conditional:
@@ -120,10 +136,11 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     if md.dtype not in DTYPES:
         _fail("model.dtype", md.dtype, f"must be one of {DTYPES}")
     if config.get("eval") is not None:
-        _validate_eval(config.eval, sm.sampler, df.objective, df.num_timesteps, files=num_devices is not None)
+        _validate_eval(config.eval, sm.sampler, objective, files=num_devices is not None)
+    return objective
 
 
-def _validate_eval(ev, sampler: str, objective: str, num_timesteps: int, *, files: bool) -> None:
+def _validate_eval(ev, sampler: str, objective: objectives.Objective, *, files: bool) -> None:
     """``config.eval`` (:mod:`jaxdiff.training.quality`) when an evaluation is on. ``files``: check that its
     files exist (for a training run; a restored workdir may be sampled where they are absent)."""
     for name in ("every", "final_samples"):
@@ -146,20 +163,12 @@ def _validate_eval(ev, sampler: str, objective: str, num_timesteps: int, *, file
     if ev.steps < 0:
         _fail("eval.steps", ev.steps, "must be >= 0 (0: config.sample.num_steps)")
     if ev.sampler or ev.steps:
-        registry.check(ev.sampler or sampler, objective=objective, num_steps=ev.steps or None,
-                       num_timesteps=num_timesteps, prefix="config.eval.")
+        objective.check_sampler(ev.sampler or sampler, num_steps=ev.steps or None, prefix="config.eval.")
 
 
 def make_schedule(diffusion_config) -> schedules.Schedule:
-    """The noise schedule named by ``config.diffusion``."""
-    T = diffusion_config.num_timesteps
-    if diffusion_config.schedule == "linear":
-        return schedules.linear_schedule(T, diffusion_config.beta_start, diffusion_config.beta_end)
-    if diffusion_config.schedule == "cosine":
-        return schedules.cosine_schedule(T)
-    if diffusion_config.schedule == "sigmoid":
-        return schedules.sigmoid_schedule(T)
-    _fail("diffusion.schedule", diffusion_config.schedule, f"must be one of {SCHEDULES}")
+    """The noise schedule named by ``config.diffusion`` (``ValueError`` naming the bad field)."""
+    return schedule_from_config(diffusion_config)
 
 
 def make_model(model_config, *, num_classes: int | None, learned_variance: bool) -> UNet:
@@ -183,7 +192,7 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool)
 
 def resolve(config, *, num_devices: int | None = None) -> Run:
     """Validates ``config`` and derives the run's facts (reads the dataset's metadata, builds nothing heavy)."""
-    validate_config(config, num_devices=num_devices)
+    objective = validate_config(config, num_devices=num_devices)
     try:
         source = data.make_source(config.data.name, config.data.split, config.data.data_dir or None)
     except ValueError as error:
@@ -199,15 +208,15 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     if config.model.class_conditional and info.num_classes is None:
         _fail("model.class_conditional", True, f"dataset {info.name!r} has no labels")
     num_classes = info.num_classes if config.model.class_conditional else None
-    model = make_model(config.model, num_classes=num_classes, learned_variance=config.diffusion.learned_variance)
+    model = make_model(config.model, num_classes=num_classes, learned_variance=objective.learned_variance)
     try:
         check_image_size(image_shape[0], model.ch_mult)
     except ValueError as error:
         _fail("data.image_size" if size else "model.ch_mult", size or model.ch_mult, str(error))
     tr = config.train
     tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
-    return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes,
-               schedule=make_schedule(config.diffusion), model=model, tx=tx)
+    return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes, objective=objective,
+               model=model, tx=tx)
 
 
 def get_config(name: str):

@@ -1,7 +1,14 @@
-"""The train state: a pytree of (step, params, optimizer state, EMA params[, post-hoc EMA]), and the optimizer."""
+"""The train state: a pytree of (step, params, optimizer state, EMA params[, post-hoc EMA]), and the optimizer.
+
+As in flax's ``TrainState``, the state also holds what the step applies but never changes:
+the network's ``apply_fn``, the optimizer ``tx``, the EMA decay and the label dropout of
+classifier-free guidance training. They are static fields (part of the tree's structure, not
+leaves): checkpoints hold only the arrays, and a resumed run takes them from its config.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -20,11 +27,17 @@ class TrainState:
 
     step: jax.Array  # [] int32: number of completed steps
     params: Any  # the network's parameters
-    opt_state: Any  # optax state of `make_optimizer`
+    opt_state: Any  # optax state of `tx`
     ema_params: Any  # exponential moving average of `params`
     # Power-function EMAs of `params` for post-hoc EMA (EDM2): K extra float32 copies of the
     # params (leaves [K, ...]); None (no leaves) when not tracked.
     posthoc_ema: posthoc_ema.PowerEMAState | None = None
+    # Static: apply_fn({"params": p}, x, t, y, train=True, dropout_keys=keys) (a Flax module's apply).
+    apply_fn: Callable | None = flax.struct.field(pytree_node=False, default=None)
+    tx: optax.GradientTransformation | None = flax.struct.field(pytree_node=False, default=None)
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.9999)
+    num_classes: int | None = flax.struct.field(pytree_node=False, default=None)  # None: unconditional
+    label_dropout: float = flax.struct.field(pytree_node=False, default=0.0)  # P(label -> null label)
 
 
 def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, grad_clip: float | None = 1.0,
@@ -37,10 +50,13 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, grad_clip: fl
 
 
 def create_train_state(key: jax.Array, model, tx: optax.GradientTransformation, image_shape, *,
-                       num_classes: int | None = None, posthoc_sigma_rels=()) -> TrainState:
-    """Initialises the network on a dummy batch of one ``image_shape`` ``(H, W, C)`` image.
+                       num_classes: int | None = None, posthoc_sigma_rels=(), ema_decay: float = 0.9999,
+                       label_dropout: float = 0.0) -> TrainState:
+    """Initialises ``model`` (a Flax module) on a dummy batch of one ``image_shape`` ``(H, W, C)`` image.
 
-    ``posthoc_sigma_rels``: the ``sigma_rel`` of each power-function EMA to track (empty: none).
+    ``num_classes``: the labels of a class-conditional model (``None``: unconditional);
+    ``posthoc_sigma_rels``: the ``sigma_rel`` of each power-function EMA to track (empty: none);
+    ``ema_decay``, ``label_dropout``: see :class:`TrainState`.
     """
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
@@ -48,4 +64,5 @@ def create_train_state(key: jax.Array, model, tx: optax.GradientTransformation, 
     params = model.init({"params": key}, x, t, y, train=False)["params"]
     phema = posthoc_ema.init(params, posthoc_sigma_rels) if len(posthoc_sigma_rels) else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=jax.tree_util.tree_map(jnp.copy, params), posthoc_ema=phema)
+                      ema_params=jax.tree_util.tree_map(jnp.copy, params), posthoc_ema=phema, apply_fn=model.apply,
+                      tx=tx, ema_decay=float(ema_decay), num_classes=num_classes, label_dropout=float(label_dropout))

@@ -1,0 +1,88 @@
+"""What an objective is: the one object that knows how a network is trained and sampled.
+
+An objective (a frozen pytree dataclass; its settings are static fields) supplies
+
+* :meth:`Objective.noise_level`: one example's noise level from its own key (a timestep ``t``,
+  a flow time or an EDM ``sigma``);
+* :meth:`Objective.loss`: the training loss of the network at given levels and noise;
+* :meth:`Objective.denoiser`: the network as the samplers see it, a
+  :class:`jaxdiff.diffusion.Denoiser`;
+* :attr:`Objective.discrete`: whether it has a discrete schedule, which decides the samplers it
+  serves (:meth:`Objective.sampler_names`, :meth:`Objective.check_sampler`).
+
+The *network* an objective is given is ``net(x [B, H, W, C], time [B]) -> [B, H, W, C_out]``: a
+:class:`jaxdiff.models.UNet`'s ``apply`` with its parameters and labels bound, called with the
+time input the network was built for (the DDPM timestep scale ``0..T-1``). Each objective maps
+its own noise level to that input, so the same UNet serves every objective.
+
+Objectives are built from ``config.diffusion`` by :func:`jaxdiff.objectives.from_config`, which
+checks every setting the objective uses and names the first bad one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+
+from jaxdiff import diffusion
+from jaxdiff.samplers import registry
+
+__all__ = ["Network", "Objective", "fail"]
+
+#: ``net(x [B, H, W, C], time [B]) -> [B, H, W, C_out]``: the network with parameters and labels bound.
+Network = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def fail(setting: str, value, why: str):
+    """Raises ``ValueError("config.diffusion.SETTING=VALUE: why")``."""
+    raise ValueError(f"config.diffusion.{setting}={value!r}: {why}")
+
+
+class Objective(abc.ABC):
+    """The interface every objective implements (see the module docstring)."""
+
+    name: ClassVar[str]  # its key in jaxdiff.objectives.OBJECTIVES and config.diffusion.objective
+    discrete: ClassVar[bool] = False  # trained on a discrete schedule (serves the integer-grid samplers)
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, cfg) -> Objective:
+        """The objective of ``config.diffusion`` (``cfg``); ``ValueError`` naming the first bad setting."""
+
+    @abc.abstractmethod
+    def noise_level(self, key: jax.Array) -> jax.Array:
+        """One example's training noise level ``[]`` drawn from its own ``key``."""
+
+    @abc.abstractmethod
+    def loss(self, net: Network, x0: jax.Array, key: jax.Array, *, level: jax.Array,
+             noise: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+        """``(loss, metrics)`` of ``net`` on clean ``x0`` ``[B, ...]`` at ``level`` ``[B]`` with unit ``noise``
+        like ``x0``; ``metrics`` holds at least ``"loss"`` and ``"mse"``. ``key`` is the run's root key
+        (unused when levels and noise are given)."""
+
+    @abc.abstractmethod
+    def denoiser(self, net: Network, *, clip_x0: bool = False) -> diffusion.Denoiser:
+        """The network as every sampler sees it. ``clip_x0``: clip its x0 estimates to ``[-1, 1]``
+        where the objective's parameterization allows it (image data)."""
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the network outputs ``2C`` channels (the second half a variance)."""
+        return False
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """``T`` of the discrete schedule (``None`` without one)."""
+        return None
+
+    def sampler_names(self) -> tuple[str, ...]:
+        """The registry's samplers that serve this objective's models."""
+        return registry.names(discrete=None if self.discrete else False)
+
+    def check_sampler(self, name: str, *, num_steps=None, options=None, prefix: str = "") -> registry.Sampler:
+        """:func:`jaxdiff.samplers.registry.check` for this objective's models; returns the entry."""
+        return registry.check(name, discrete=self.discrete, num_steps=num_steps, num_timesteps=self.num_timesteps,
+                              options=options, prefix=prefix)
