@@ -5,7 +5,8 @@ the model's reverse posterior, parameterization conversions), :mod:`~jaxdiff.los
 objectives and the variational bound), :mod:`~jaxdiff.samplers` (every reverse sampler, one
 registry, one entry point), :mod:`~jaxdiff.guidance` (classifier-free / classifier guidance,
 inpainting), :mod:`~jaxdiff.likelihood` (PF-ODE NLL), :mod:`~jaxdiff.flow` (flow matching),
-:mod:`~jaxdiff.oracle` (an exact Gaussian-mixture "network" for testing samplers).
+:mod:`~jaxdiff.oracle` (an exact Gaussian-mixture "network" for testing samplers),
+:mod:`~jaxdiff.objectives` (each training objective as one value: noise levels, loss, denoiser).
 The UNet is in :mod:`jaxdiff.models` and the training job in :mod:`jaxdiff.training`; both are
 imported on first use of ``jaxdiff.models`` / ``jaxdiff.training``.
 """
@@ -25,7 +26,7 @@ from jaxdiff.schedules import (
 
 __version__ = "0.1.0"
 
-_LAZY = ("data", "edm", "metrics", "models", "posthoc_ema", "training")  # imported on first attribute access
+_LAZY = ("data", "edm", "metrics", "models", "objectives", "posthoc_ema", "training")  # imported on first attribute access
 
 
 def __getattr__(name: str):

@@ -64,16 +64,20 @@ def test_nonfinite_update_is_not_applied():
     assert int(new.step) == 1
 
 
+HOOK_CALLS = []
+
+
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    loop.train_and_evaluate(tiny_config(), workdir)
+    loop.train_and_evaluate(tiny_config(), workdir, hooks=[HOOK_CALLS.append])
     return workdir
 
 
 def test_loop_writes_checkpoints_metrics_and_grid(trained_workdir):
     steps = sorted(int(s) for s in os.listdir(os.path.join(trained_workdir, "checkpoints")) if s.isdigit())
     assert steps == [2, 4, 6]
+    assert HOOK_CALLS == [1, 2, 3, 4, 5, 6]  # each step hook once, with the number of completed steps
     rows = [json.loads(line) for line in open(os.path.join(trained_workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) and r["images_per_sec"] > 0 for r in rows)
