@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.class_conditional = False  # labels -> the UNet's class embedding (+ null label)
     config.model.dtype = "float32"  # "bfloat16" for mixed precision on accelerators
     config.model.remat = False
+    # How the convolutions are differentiated (same values): auto = matmuls on the CPU backend, XLA's elsewhere.
+    config.model.conv_backward = "auto"  # auto | xla | taps
 
     config.diffusion = ml_collections.ConfigDict()
     # diffusion | flow_matching (rectified flow, jaxdiff.flow) | edm (Karras et al. 2022, jaxdiff.edm:

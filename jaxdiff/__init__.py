@@ -26,7 +26,8 @@ from jaxdiff.schedules import (
 
 __version__ = "0.1.0"
 
-_LAZY = ("data", "edm", "metrics", "models", "objectives", "posthoc_ema", "training")  # imported on first attribute access
+# Imported on first attribute access.
+_LAZY = ("data", "edm", "metrics", "models", "objectives", "posthoc_ema", "training")
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -28,6 +29,10 @@ __all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "
 
 OBJECTIVES = objectives.names()
 DTYPES = ("float32", "bfloat16", "float16")
+# How the UNet's stride-1 convolutions are differentiated (jaxdiff.models.conv): "auto" picks the
+# matmul weight gradient ("taps", faster on XLA:CPU, bench/conv_backward.py) on the CPU backend and
+# XLA's own ("xla", the UNet's default) elsewhere. A platform choice, so the setup makes it, not the model.
+CONV_BACKWARDS = ("auto", "xla", "taps")
 # config.model fields that override the preset's UNet fields when set (None: the preset's value).
 MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "scale_shift", "num_heads")
 
@@ -135,6 +140,8 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
         _fail("model.preset", md.preset, f"must be one of {tuple(PRESETS)}")
     if md.dtype not in DTYPES:
         _fail("model.dtype", md.dtype, f"must be one of {DTYPES}")
+    if md.get("conv_backward", "auto") not in CONV_BACKWARDS:
+        _fail("model.conv_backward", md.conv_backward, f"must be one of {CONV_BACKWARDS}")
     if config.get("eval") is not None:
         _validate_eval(config.eval, sm.sampler, objective, files=num_devices is not None)
     return objective
@@ -180,9 +187,13 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool)
     for k in ("ch_mult", "attn_resolutions"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
+    conv = model_config.get("conv_backward") or "auto"
+    if conv == "auto":
+        conv = "taps" if jax.default_backend() == "cpu" else "xla"
     return get_model(
         model_config.get("preset") or "digits",
         **overrides,
+        conv_backward=conv,
         num_classes=num_classes if model_config.class_conditional else None,
         learn_sigma=learned_variance,
         dtype=jnp.dtype(model_config.dtype),
