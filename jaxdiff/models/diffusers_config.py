@@ -193,7 +193,9 @@ def config_from_unet(model: UNet, params, sample_size: int | None = None) -> dic
     elif not model.attn_resolutions:
         attn_levels = ()
     elif sample_size is None:
-        raise ValueError(f"attn_resolutions={model.attn_resolutions}: pass sample_size (or use DiffusersUNet(attn_levels=...))")
+        raise ValueError(
+            f"attn_resolutions={model.attn_resolutions}: pass sample_size (or use DiffusersUNet(attn_levels=...))"
+        )
     else:
         attn_levels = tuple(i for i in range(levels) if sample_size // 2**i in model.attn_resolutions)
     chans = [model.ch * m for m in model.ch_mult]
