@@ -6,10 +6,11 @@ happen when the number of steps, eta or the guidance scale change (goal: none).
   run) against the median of later calls (run only); their difference is the compile cost.
 * Recompilations: one ``jax.jit`` of a sampling function whose ``num_steps``, ``eta`` and
   classifier-free guidance scale ``w`` are arguments, called over a grid of values with every
-  sampler of ``jaxdiff.samplers.SAMPLERS`` (a class-conditional network; ``eta`` only for the
-  samplers that take it, ``rtol`` instead of steps for the adaptive ``"ode"``). Counted twice:
-  ``jitted._cache_size()`` and JAX's ``/jax/core/compile/backend_compile_duration`` monitoring
-  events. The train step is checked the same way over several steps.
+  sampler of ``jaxdiff.samplers.SAMPLERS`` that samples diffusion models (a class-conditional
+  network; ``eta`` only for the samplers that take it, ``rtol`` instead of steps for the adaptive
+  ``"ode"``). Counted twice: ``jitted._cache_size()`` and JAX's
+  ``/jax/core/compile/backend_compile_duration`` monitoring events. The train step is checked
+  the same way over several steps.
 * Network initialisation: ``create_train_state`` as the library runs it (eager Flax ``init``,
   one dispatch per operation) against the same function under ``jax.jit``, fresh processes.
 
@@ -156,7 +157,7 @@ def count_recompiles(name: str, batch: int, quick: bool) -> dict:
     ws = (1.0, 3.0) if quick else (1.0, 2.0, 4.0)
     rtols = (1e-2, 1e-3)
     out = {}
-    for name in samplers.SAMPLERS:
+    for name in samplers.registry.names("diffusion"):  # the network here is an epsilon UNet
         gen, takes_eta, adaptive = make_generate(model, schedule, shape, name)
         knobs = rtols if adaptive else steps
         grid = list(itertools.product(knobs, etas if takes_eta else (0.0,), ws))
