@@ -2,12 +2,12 @@
 
 Cases (each in its own process, so that ``peak_bytes_in_use`` is that case's peak):
 
-* ``train``: ``jaxdiff.training.step.train_step`` under ``jax.jit`` with the state donated,
+* ``train``: the library's train step (``bench/networks.py``) under ``jax.jit`` with the state donated,
   global batch 128, float32 and bfloat16 compute, with and without ``remat``; dropout 0.1 as in
   the preset (per-example keys). Images/s over ``--train-steps`` steps after two warm-up steps.
 * ``sample``: 256 samples, 1,000-step ancestral DDPM and 50-step DDIM
-  (:func:`jaxdiff.training.generate.generate` under ``jax.jit``), float32 and bfloat16; the
-  wall time of one call after the compiling call.
+  (:func:`jaxdiff.training.generate.generate` through ``bench/networks.py``, under ``jax.jit``),
+  float32 and bfloat16; the wall time of one call after the compiling call.
 
 The weights are random (speed does not depend on them). Goals on one H100/H200: >= 8,000 train
 images/s in bfloat16; 256 x 1,000-step DDPM in <= 10 s.
@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+import networks as nets
+
 
 def _peak_bytes():
     import jax
@@ -38,22 +40,17 @@ def _peak_bytes():
 
 
 def run_train(preset, image_shape, batch, dtype, remat, steps, overrides=None):
-    import functools
-
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    import jaxdiff
     from jaxdiff.models import count_params, get_model
-    from jaxdiff.training.state import create_train_state, make_optimizer
-    from jaxdiff.training.step import train_step
+    from jaxdiff.training.state import make_optimizer
 
     model = get_model(preset, dtype=getattr(jnp, dtype), remat=remat, **(overrides or {}))
     tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
-    state = create_train_state(jax.random.key(0), model, tx, image_shape)
-    fn = jax.jit(functools.partial(train_step, apply_fn=model.apply, tx=tx, schedule=jaxdiff.linear_schedule(1000)),
-                 donate_argnums=(0,))
+    state = nets.init_train_state(model, tx, image_shape)
+    fn = jax.jit(nets.library_train_step(model, tx), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     data = {"image": jnp.asarray(rng.uniform(-1, 1, (batch, *image_shape)).astype(np.float32)),
             "index": jnp.arange(batch, dtype=jnp.int32)}
@@ -74,14 +71,10 @@ def run_train(preset, image_shape, batch, dtype, remat, steps, overrides=None):
 
 
 def run_sample(preset, image_shape, num, dtype, sampler, num_steps, overrides=None):
-    import functools
-
     import jax
     import jax.numpy as jnp
 
-    import jaxdiff
     from jaxdiff.models import get_model
-    from jaxdiff.training.generate import generate
 
     model = get_model(preset, dtype=getattr(jnp, dtype), **(overrides or {}))
     x = jnp.zeros((1, *image_shape))
@@ -90,8 +83,7 @@ def run_sample(preset, image_shape, num, dtype, sampler, num_steps, overrides=No
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     params = jax.tree_util.tree_unflatten(tree, [0.02 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
-    fn = jax.jit(functools.partial(generate, model.apply, schedule=jaxdiff.linear_schedule(1000),
-                                   image_shape=image_shape, sampler=sampler, num_steps=num_steps))
+    fn = jax.jit(nets.library_generate(model, image_shape, sampler=sampler, num_steps=num_steps))
     labels = jnp.zeros((num,), jnp.int32)
     key = jax.random.key(3)
     t0 = time.perf_counter()

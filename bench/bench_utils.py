@@ -1,7 +1,8 @@
 """The benchmarks' harness: timing (alternating A/B, medians), cross-process A/B workers (for
 XLA flags), tables, JSON, machine info, and the optional torch side (threads, availability).
 
-The networks live in ``bench/networks.py``, the oracle metrics in ``bench/oracle_metrics.py``.
+Also the distances to the Gaussian-mixture oracle that the quality tables share. The networks
+(and the one jaxdiff train step every benchmark times) live in ``bench/networks.py``.
 Not a test module: ``bench/`` is never collected by pytest. Every script imports these files
 from its own directory (``python bench/NAME.py`` puts ``bench/`` on ``sys.path``).
 """
@@ -39,6 +40,19 @@ def load_average() -> float:
         return float("nan")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): machines that
+    share a core count can differ twofold in how fast each stack runs."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict:
     import jax
 
@@ -47,6 +61,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
@@ -250,3 +265,77 @@ def alternate_workers(workers: dict[str, Worker], rounds: int) -> dict[str, dict
             for case in w.cases:
                 samples.setdefault(f"{wname}/{case}", []).append(w.time(case))
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "samples_s": v} for k, v in samples.items()}
+
+
+# --------------------------------------------------------------------------- oracle metrics
+# Distances between samples and the Gaussian-mixture oracle (``jaxdiff.oracle``), shared by
+# ``bench/oracle_table.py`` and ``bench/quality.py``: :func:`mmd2` (unbiased squared MMD against
+# the *exact* mixture, whose kernel mean embedding is analytic: 0 in expectation for exact
+# samples), :func:`sliced_w2`, and the budget rule both tables use, :func:`steps_for_budget`
+# (the most steps of a sampler whose network calls, ``jaxdiff.samplers.nfe``, fit a budget).
+def mmd2(x, mix, ell: float = 0.5, block: int = 1000) -> float:
+    """Unbiased MMD^2 between samples ``x [n, D]`` and the mixture ``mix`` (Gaussian kernel of
+    bandwidth ``ell``); the mixture terms exact, the sample term summed blockwise in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    n, dim = x.shape
+    l2 = ell**2
+    eye = jnp.eye(dim)
+
+    def embed(diff, s):  # E k for a Gaussian difference of covariance s - ell^2 I
+        quad = jnp.einsum("...i,ij,...j->...", diff, jnp.linalg.inv(s), diff)
+        return ell**dim / jnp.sqrt(jnp.linalg.det(s)) * jnp.exp(-0.5 * quad)
+
+    @jax.jit
+    def pair_sum(xb, x):
+        d2 = jnp.sum((xb[:, None, :] - x[None]) ** 2, -1)
+        return jnp.sum(jnp.exp(-d2 / (2.0 * l2)))
+
+    xx = sum(float(pair_sum(x[i:i + block], x)) for i in range(0, n, block)) - n  # drop the diagonal
+    k = mix.weights.shape[0]
+    xp = float(jnp.mean(sum(mix.weights[c] * embed(x - mix.means[c], l2 * eye + mix.covs[c]) for c in range(k))))
+    pp = float(sum(mix.weights[a] * mix.weights[b]
+                   * embed(mix.means[a] - mix.means[b], l2 * eye + mix.covs[a] + mix.covs[b])
+                   for a in range(k) for b in range(k)))
+    return xx / (n * (n - 1)) - 2.0 * xp + pp
+
+
+def sliced_w2(x, y, dirs) -> float:
+    """Sliced 2-Wasserstein distance between equal-size point sets ``x, y [n, D]`` over the
+    directions ``dirs [L, D]`` (normalised here; e.g. Gaussian draws), in float64."""
+    import numpy as np
+
+    x, y, dirs = (np.asarray(v, np.float64) for v in (x, y, dirs))
+    if x.shape != y.shape:
+        raise ValueError(f"sliced_w2: x and y must have the same shape, got {x.shape} and {y.shape}")
+    dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    px, py = np.sort(x @ dirs.T, axis=0), np.sort(y @ dirs.T, axis=0)
+    return float(np.sqrt(np.mean((px - py) ** 2)))
+
+
+def steps_for_budget(sampler: str, budget: int, options: dict | None = None) -> tuple[int, int] | None:
+    """``(num_steps, nfe)``: the most steps of the fixed-step ``sampler`` (with ``options``) whose
+    NFE is at most ``budget`` (e.g. ``heun``: ``(budget + 1) // 2`` steps); ``None`` if none fits."""
+    from jaxdiff import samplers
+
+    for n in range(budget, 0, -1):
+        calls = int(samplers.nfe(sampler, n, **(options or {})))
+        if calls <= budget:
+            return n, calls
+    return None
+
+
+def budget_table(rows: list[dict], labels, budgets, fmt) -> list[list[str]]:
+    """Table rows (exact samples first, then one per label) of ``fmt(row)`` per NFE budget.
+
+    ``rows[0]`` is the exact samples' row; a cell notes the actual NFE where it differs from the budget.
+    """
+    table = [["exact samples"] + [fmt(rows[0])] * len(budgets)]
+    for label in labels:
+        cells = [label]
+        for budget in budgets:
+            r = next(r for r in rows if r["sampler"] == label and r["budget"] == budget)
+            cells.append(fmt(r) + (f" ({r['nfe']})" if r["nfe"] != budget else ""))
+        table.append(cells)
+    return table

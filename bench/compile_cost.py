@@ -6,10 +6,11 @@ happen when the number of steps, eta or the guidance scale change (goal: none).
   run) against the median of later calls (run only); their difference is the compile cost.
 * Recompilations: one ``jax.jit`` of a sampling function whose ``num_steps``, ``eta`` and
   classifier-free guidance scale ``w`` are arguments, called over a grid of values with every
-  sampler of ``jaxdiff.samplers.SAMPLERS`` (a class-conditional network; ``eta`` only for the
-  samplers that take it, ``rtol`` instead of steps for the adaptive ``"ode"``). Counted twice:
-  ``jitted._cache_size()`` and JAX's ``/jax/core/compile/backend_compile_duration`` monitoring
-  events. The train step is checked the same way over several steps.
+  sampler of ``jaxdiff.samplers.SAMPLERS`` that samples diffusion models (a class-conditional
+  network; ``eta`` only for the samplers that take it, ``rtol`` instead of steps for the adaptive
+  ``"ode"``). Counted twice: ``jitted._cache_size()`` and JAX's
+  ``/jax/core/compile/backend_compile_duration`` monitoring events. The train step is checked
+  the same way over several steps.
 * Network initialisation: ``create_train_state`` as the library runs it (eager Flax ``init``,
   one dispatch per operation) against the same function under ``jax.jit``, fresh processes.
 
@@ -24,7 +25,6 @@ Writes ``bench/results/compile_cost.json``.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import statistics
@@ -120,18 +120,17 @@ def child_init(name: str, mode: str) -> dict:
     """Time of ``create_train_state`` as the library runs it (eager Flax init, op by op) or under ``jax.jit``."""
     import jax
 
-    from jaxdiff.training.state import create_train_state, make_optimizer
+    from jaxdiff.training.state import make_optimizer
 
     net = nets.get(name)
     model = nets.build(net)
     tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
-    fn = create_train_state if mode == "eager" else jax.jit(create_train_state, static_argnums=(1, 2, 3),
-                                                             static_argnames=("num_classes",))
+    fn = nets.init_train_state if mode == "eager" else jax.jit(nets.init_train_state, static_argnums=(0, 1, 2, 3))
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(jax.random.key(0), model, tx, net.image_shape, num_classes=net.num_classes))
+    jax.block_until_ready(fn(model, tx, net.image_shape, net.num_classes, jax.random.key(0)))
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(jax.random.key(1), model, tx, net.image_shape, num_classes=net.num_classes))
+    jax.block_until_ready(fn(model, tx, net.image_shape, net.num_classes, jax.random.key(1)))
     return {"what": f"create_train_state, {mode} ({name} network)", "first_s": first,
             "second_s": time.perf_counter() - t0}
 
@@ -158,7 +157,7 @@ def count_recompiles(name: str, batch: int, quick: bool) -> dict:
     ws = (1.0, 3.0) if quick else (1.0, 2.0, 4.0)
     rtols = (1e-2, 1e-3)
     out = {}
-    for name in samplers.SAMPLERS:
+    for name in samplers.registry.names("diffusion"):  # the network here is an epsilon UNet
         gen, takes_eta, adaptive = make_generate(model, schedule, shape, name)
         knobs = rtols if adaptive else steps
         grid = list(itertools.product(knobs, etas if takes_eta else (0.0,), ws))
@@ -182,16 +181,14 @@ def count_train_recompiles(batch: int) -> dict:
     events: list[str] = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: events.append(event) if event == COMPILE_EVENT else None)
-    import jaxdiff
-    from jaxdiff.training.state import create_train_state, make_optimizer
-    from jaxdiff.training.step import train_step
+    from jaxdiff.training.state import make_optimizer
 
     net = nets.get("tiny")
     model = nets.build(net)
     tx = make_optimizer(2e-4, warmup_steps=10, grad_clip=1.0)
-    state = create_train_state(jax.random.key(0), model, tx, net.image_shape, num_classes=net.num_classes)
-    step = jax.jit(functools.partial(train_step, apply_fn=model.apply, tx=tx, schedule=jaxdiff.linear_schedule(1000),
-                                     num_classes=net.num_classes, label_dropout=0.1), donate_argnums=(0,))
+    state = nets.init_train_state(model, tx, net.image_shape, net.num_classes)
+    step = jax.jit(nets.library_train_step(model, tx, num_classes=net.num_classes, label_dropout=0.1),
+                   donate_argnums=(0,))
     batches = [nets.make_jax_batch(net, batch, seed=s) for s in range(5)]
     key = jax.random.key(1)
     before = len(events)

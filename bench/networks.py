@@ -3,8 +3,10 @@ with named field overrides, the image shape it trains on and its benchmark batch
 
 Every script builds its networks here: the jaxdiff UNet with :func:`build` (``get_model(preset,
 **overrides)``), the same architecture in diffusers with :func:`torch_unet` (its fields read
-from the jaxdiff UNet instance), and the jaxdiff train step every script times with
-:func:`jax_train_step`.
+from the jaxdiff UNet instance), and the library's train state, train step and sampling call
+(:func:`init_train_state`, :func:`library_train_step`, :func:`library_generate`: the only
+place in ``bench/`` that calls ``jaxdiff.training``'s step and sampling functions), with the
+jitted step every script times, :func:`jax_train_step`.
 
 ``python bench/networks.py`` prints the table of networks with their parameter counts.
 
@@ -117,9 +119,52 @@ def make_jax_batch(net: BenchNet, batch: int, seed: int = 0) -> dict:
     return out
 
 
+# The library's training and sampling API enters bench/ here and nowhere else: every benchmark
+# builds its train state, train step and sampling call with these three functions, so a change
+# of jaxdiff.training's signatures is adapted in this one section.
+def init_train_state(model, tx, image_shape: tuple[int, int, int], num_classes: int | None = None, key=None):
+    """``jaxdiff.training.state.create_train_state`` of ``model`` (a UNet) with the optimizer ``tx``.
+
+    ``image_shape`` is ``(H, W, C)``; ``key`` defaults to ``jax.random.key(0)``. Jittable with
+    ``model``, ``tx``, ``image_shape`` and ``num_classes`` static.
+    """
+    import jax
+
+    from jaxdiff.training.state import create_train_state
+
+    key = jax.random.key(0) if key is None else key
+    return create_train_state(key, model, tx, image_shape, num_classes=num_classes)
+
+
+def library_train_step(model, tx, *, num_classes: int | None = None, label_dropout: float = 0.0,
+                       ema_decay: float = 0.9999):
+    """``step(state, batch, key) -> (state, metrics)``: ``jaxdiff.training.step.train_step`` for
+    ``model`` and ``tx``, epsilon prediction, uniform weighting, ``linear_schedule(1000)``.
+
+    ``batch`` holds ``image [B, H, W, C]``, ``index [B]`` (and ``label [B]`` when conditional);
+    ``key`` is the run's root key. Pure: the caller wraps it in ``jax.jit`` / ``pmap``.
+    """
+    import jaxdiff
+    from jaxdiff.training.step import train_step
+
+    return functools.partial(train_step, apply_fn=model.apply, tx=tx, schedule=jaxdiff.linear_schedule(1000),
+                             ema_decay=ema_decay, num_classes=num_classes, label_dropout=label_dropout)
+
+
+def library_generate(model, image_shape: tuple[int, int, int], *, sampler: str, num_steps: int):
+    """``gen(params, key, labels) -> [N, H, W, C]``: ``jaxdiff.training.generate.generate`` for
+    ``model`` on ``linear_schedule(1000)`` (``labels [N]`` int; ``N`` samples). Pure: jit it."""
+    import jaxdiff
+    from jaxdiff.training.generate import generate
+
+    return functools.partial(generate, model.apply, schedule=jaxdiff.linear_schedule(1000), image_shape=image_shape,
+                             sampler=sampler, num_steps=num_steps)
+
+
 def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: bool = False,
                    donate: bool = True, conv_backward: str = "auto"):
-    """``jaxdiff.training.step.train_step`` under ``jax.jit`` (state donated unless ``donate=False``).
+    """The library's train step of ``net`` under ``jax.jit`` (state donated unless ``donate=False``):
+    Adam 2e-4 with global-norm clipping 1.0, EMA 0.9999, label dropout 0.1 when conditional.
 
     Returns ``(run, info)``: ``run(k)`` does ``k`` train steps and blocks; ``info`` has the
     parameter count, the XLA FLOPs of one step, the compile time and the time
@@ -127,19 +172,15 @@ def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: 
     """
     import jax
 
-    import jaxdiff
     from jaxdiff.models import count_params
-    from jaxdiff.training.state import create_train_state, make_optimizer
-    from jaxdiff.training.step import train_step
+    from jaxdiff.training.state import make_optimizer
 
     model = build(net, dtype=dtype, remat=remat, conv_backward=conv_backward)
     tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
     t0 = time.perf_counter()
-    state = jax.block_until_ready(
-        create_train_state(jax.random.key(0), model, tx, net.image_shape, num_classes=net.num_classes))
+    state = jax.block_until_ready(init_train_state(model, tx, net.image_shape, net.num_classes))
     init_s = time.perf_counter() - t0
-    fn = jax.jit(functools.partial(train_step, apply_fn=model.apply, tx=tx, schedule=jaxdiff.linear_schedule(1000),
-                                   ema_decay=0.9999, num_classes=net.num_classes, label_dropout=0.1),
+    fn = jax.jit(library_train_step(model, tx, num_classes=net.num_classes, label_dropout=0.1),
                  donate_argnums=(0,) if donate else ())
     data = make_jax_batch(net, batch)
     key = jax.random.key(1)

@@ -3,7 +3,7 @@
 The question: how close to the exact distribution does each jaxdiff sampler get for a given
 number of network calls, by three independent distances (MMD against the exact mixture, sliced
 W2, NLL gap)? ``bench/quality.py`` asks the same of jaxdiff *against diffusers' schedulers*
-(SW2 and NLL gap only); the two share their metrics (``bench/oracle_metrics.py``).
+(SW2 and NLL gap only); the two share their metrics (``bench/bench_utils.py``).
 
     python bench/oracle_table.py                 # 8000 samples per cell
     python bench/oracle_table.py --quick         # 2000 samples
@@ -37,10 +37,10 @@ from jaxdiff.samplers import sample_with_info
 from jaxdiff.schedules import linear_schedule
 
 import bench_utils as bu
-from oracle_metrics import budget_table, mmd2, sliced_w2, steps_for_budget
+from bench_utils import budget_table, mmd2, sliced_w2, steps_for_budget
 
 BUDGETS = (10, 20, 50)
-# (label, sampler, static options); steps per NFE budget: oracle_metrics.steps_for_budget
+# (label, sampler, static options); steps per NFE budget: bench_utils.steps_for_budget
 CONFIGS = [
     ("ddpm", "ddpm", {}),
     ("ddim", "ddim", {}),

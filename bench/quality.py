@@ -4,7 +4,7 @@ the same exact "network", the Gaussian-mixture oracle (``jaxdiff.oracle.default_
 The question: at a budget of N network calls, is the best jaxdiff sampler at least as close to
 the exact distribution as the best diffusers scheduler (the goal at 10 NFE)? Without torch only
 the jaxdiff rows run. ``bench/oracle_table.py`` asks how close each jaxdiff sampler gets, with a
-third distance (MMD against the exact mixture); both use ``bench/oracle_metrics.py``.
+third distance (MMD against the exact mixture); both use ``bench/bench_utils.py``.
 
 The oracle gives the exact eps of the noised mixture at any (integer or fractional) timestep, so
 the only error left is the sampler's. Both stacks use the linear betas 1e-4..0.02, T = 1000,
@@ -44,7 +44,7 @@ import inspect
 import numpy as np
 
 import bench_utils as bu
-from oracle_metrics import sliced_w2, steps_for_budget
+from bench_utils import sliced_w2, steps_for_budget
 
 # (row label, jaxdiff sampler, options) -- rows whose sampler is missing are skipped.
 JAX_ROWS = [

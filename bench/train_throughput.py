@@ -13,14 +13,22 @@ The second table times every convolution of the UNet (forward + both gradients, 
 read from the jaxdiff network) in both stacks, to split the throughput gap into the part the
 conv backend explains (XLA's conv emitter vs oneDNN) and the rest (ours: everything else).
 
+The defaults are the configuration of BENCHMARKS.md's train-throughput table: networks
+cifar_small (batch 16) and digits (batch 64), float32, ``UNet(conv_backward=...)`` ``taps``
+(the CPU's default) and ``xla`` side by side, PyTorch at its default thread count and at 1
+thread (ratios against the faster), 5 alternating rounds after one warm-up call, 2 steps per
+timed call, then the convolution table. The PyTorch build matters as much as any of these
+(the same torch version from another wheel index can be twice as fast on the same CPU), so the
+output and the JSON record it with every other setting: versions, thread counts, the machine's
+load before and after, the conv option and the exact command.
+
 Commands (from the repository root)::
 
-    python bench/train_throughput.py                      # cifar_small + digits, float32, CPU default
-    python bench/train_throughput.py --configs cifar_small,digits_x10   # the networks of BENCHMARKS.md
+    python bench/train_throughput.py                      # BENCHMARKS.md's table
     python bench/train_throughput.py --quick              # smoke run
-    python bench/train_throughput.py --conv-backward taps,xla --no-conv   # the conv weight gradient, A/B
+    python bench/train_throughput.py --configs cifar_small,digits_x10   # the networks of 2026-11-23
     # accelerators (no torch; the DDPM CIFAR-10 model, batch 128, both dtypes):
-    python bench/train_throughput.py --configs ddpm_cifar10 --dtypes float32,bfloat16 --no-torch
+    python bench/train_throughput.py --configs ddpm_cifar10 --dtypes float32,bfloat16 --conv-backward auto --no-torch
 
 Writes ``bench/results/train_throughput.json``.
 """
@@ -28,12 +36,16 @@ Writes ``bench/results/train_throughput.json``.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import numpy as np
 
 import bench_utils as bu
 import networks as nets
 from networks import STEPS_PER_SAMPLE, jax_train_step
+
+WARMUP = 1  # untimed calls of each case before the alternating rounds
 
 
 # --------------------------------------------------------------------------- PyTorch / diffusers
@@ -172,6 +184,55 @@ def conv_cases(layers: list[dict], torch_threads: tuple[int, ...] = (), conv_bac
     return cases
 
 
+# --------------------------------------------------------------------------- settings
+def run_settings(args, rounds: int, threads: tuple[int, ...]) -> dict:
+    """Every setting the figures depend on, recorded in the JSON and printed above the table."""
+    import jax
+
+    out = {
+        "command": " ".join(["python bench/train_throughput.py", *command_args(sys.argv[1:])]),
+        "cpu_model": bu.cpu_model(),
+        "configs": args.configs.split(","), "batch_override": args.batch, "quick": args.quick,
+        "dtypes": args.dtypes.split(","), "conv_backward": args.conv_backward.split(","),
+        "backend": jax.default_backend(), "rounds": rounds, "warmup_calls": WARMUP,
+        "steps_per_timed_call": STEPS_PER_SAMPLE, "jax": jax.__version__,
+        "torch": None, "torch_cuda_build": None, "diffusers": None, "torch_threads": list(threads),
+        "torch_default_threads": None, "loadavg_1min_start": bu.load_average(),
+        "cpu_count": os.cpu_count(),
+        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+    }
+    if threads:
+        torch = bu.quiet_torch()
+        import diffusers
+
+        out.update(torch=torch.__version__, torch_cuda_build=torch.version.cuda, diffusers=diffusers.__version__,
+                   torch_default_threads=torch.get_num_threads())
+    return out
+
+
+def command_args(argv: list[str]) -> list[str]:
+    """``argv`` without ``--out PATH`` (where the JSON goes is not a setting)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+def settings_line(s: dict) -> str:
+    torch = (f"torch {s['torch']} (threads {', '.join(map(str, s['torch_threads']))}; the faster is the baseline), "
+             f"diffusers {s['diffusers']}" if s["torch"] else "no torch")
+    return (f"`{s['command']}`: {s['cpu_model']}, jax {s['jax']} ({s['backend']}), {torch}; conv_backward "
+            f"{', '.join(s['conv_backward'])}; {s['rounds']} rounds after {s['warmup_calls']} warm-up call, "
+            f"{s['steps_per_timed_call']} steps per timed call; load {s['loadavg_1min_start']:.2f} -> "
+            f"{s['loadavg_1min_end']:.2f} on {s['cpu_count']} CPUs")
+
+
 # --------------------------------------------------------------------------- main
 def main():
     p = bu.parser(__doc__)
@@ -181,8 +242,9 @@ def main():
     p.add_argument("--dtypes", default="float32", help="jaxdiff compute dtypes, e.g. float32,bfloat16")
     p.add_argument("--no-torch", action="store_true", help="jaxdiff only (e.g. on an accelerator)")
     p.add_argument("--no-conv", action="store_true", help="skip the conv attribution table")
-    p.add_argument("--conv-backward", default="auto",
-                   help="comma list of UNet.conv_backward values to time side by side, e.g. taps,xla")
+    p.add_argument("--conv-backward", default="taps,xla",
+                   help="comma list of UNet.conv_backward values to time side by side (auto: taps on the CPU, "
+                        "xla elsewhere); the first is the one the conv table and GFLOP/s use")
     bu.add_torch_threads_option(p)
     args = p.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
@@ -190,7 +252,8 @@ def main():
     threads = bu.torch_thread_counts(args.torch_threads) if with_torch else ()
     import jax
 
-    results = {"rounds": rounds, "steps_per_sample": STEPS_PER_SAMPLE, "configs": {}}
+    settings = run_settings(args, rounds, threads)
+    results = {"settings": settings, "rounds": rounds, "steps_per_sample": STEPS_PER_SAMPLE, "configs": {}}
     rows, conv_rows = [], []
     for name in args.configs.split(","):
         net = nets.get(name)
@@ -208,7 +271,7 @@ def main():
             for n in threads:
                 cases[f"torch eager {n}T"], infos[f"torch eager {n}T"] = bu.with_threads(run, n), info
         bu.eprint(f"[{name}] timing {list(cases)} x {rounds} rounds (alternating)")
-        timing = bu.alternate(cases, rounds=rounds)
+        timing = bu.alternate(cases, rounds=rounds, warmup=WARMUP)
         for label, t in timing.items():
             step_s = t["median_s"] / STEPS_PER_SAMPLE
             t.update(step_s=step_s, images_per_s=batch / step_s, **infos[label])
@@ -229,7 +292,7 @@ def main():
             n_best = int(best_torch.split()[-1][:-1])  # the thread count of the fastest torch run
             ccases = conv_cases(layers, torch_threads=(n_best,), conv_backward=backwards[0])
             bu.eprint(f"[{name}] timing {len(layers)} conv shapes ({sum(v['count'] for v in layers)} layers)")
-            ct = bu.alternate(ccases, rounds=rounds)
+            ct = bu.alternate(ccases, rounds=rounds, warmup=WARMUP)
             conv_j, conv_t = ct["jaxdiff (XLA)"]["median_s"], ct[f"torch (oneDNN) {n_best}T"]["median_s"]
             step_j = timing[first_jax]["step_s"]
             step_t = timing[best_torch]["step_s"]
@@ -252,7 +315,9 @@ def main():
                 f"{backend * 1e3:+.1f} ms (the backend), everything else {(gap - backend) * 1e3:+.1f} ms (ours)")
         results["configs"][name] = res
 
+    settings["loadavg_1min_end"] = bu.load_average()
     print("\n### Train throughput (median of alternating rounds)\n")
+    print(settings_line(settings) + "\n")
     print(bu.table(["config", "batch", "stack", "params", "ms/step", "images/s", "x torch", "GFLOP/s (XLA count)",
                     "compile s"], rows))
     if conv_rows:

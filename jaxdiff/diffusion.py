@@ -108,9 +108,52 @@ def check_same_shape(a, b, name_a: str, name_b: str) -> None:
 # --------------------------------------------------------------------------- coefficients
 
 
-def _bcast(c: jax.Array, x: jax.Array) -> jax.Array:
-    """[B] -> [B, 1, ..., 1] with x.ndim axes."""
-    return c.reshape(c.shape + (1,) * (x.ndim - 1))
+def bcast(c: jax.Array, x: jax.Array) -> jax.Array:
+    """A scalar or ``[B]`` coefficient broadcast against ``x`` ``[B, ...]`` (explicit rank)."""
+    c = jnp.asarray(c)
+    if c.ndim == 0:
+        return c
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+
+
+_bcast = bcast
+
+
+def t_from_log_snr(schedule: Schedule, lam) -> jax.Array:
+    """Fractional timestep ``t`` in ``[0, T-1]`` whose interpolated log-SNR is ``lam`` (clamped to the table).
+
+    The exact inverse of :func:`alpha_sigma`, which interpolates the same table.
+    """
+    T = schedule.num_timesteps
+    lam = jnp.asarray(lam, jnp.float32)
+    if T == 1:
+        return jnp.zeros_like(lam)
+    # log_snr decreases with t, so -log_snr is the increasing table jnp.interp needs.
+    return jnp.interp(-lam, -schedule.log_snr, jnp.arange(T, dtype=jnp.float32))
+
+
+def t_from_sigma(schedule: Schedule, sigma) -> jax.Array:
+    """Fractional timestep of the VE noise level ``sigma = sqrt((1 - abar)/abar)`` (``lambda = -2 log sigma``)."""
+    return t_from_log_snr(schedule, -2.0 * jnp.log(jnp.asarray(sigma, jnp.float32)))
+
+
+def alpha_sigma_from_log_snr(lam) -> tuple[jax.Array, jax.Array]:
+    """``(alpha, sigma) = (sqrt(sigmoid(lambda)), sqrt(sigmoid(-lambda)))``."""
+    return jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
+
+
+def karras_sigma(i, num_steps, sigma_min, sigma_max, rho=7.0) -> jax.Array:
+    """``sigma_i`` of the ``num_steps``-point Karras et al. (2022) grid, EDM eq. 5; ``0`` for ``i >= num_steps``.
+
+    ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho`` for ``i < n``
+    (``sigma_0 = smax``, ``sigma_{n-1} = smin``; ``smax`` alone for ``n = 1``). Elementwise in ``i``;
+    every argument may be traced.
+    """
+    n = jnp.asarray(num_steps, jnp.float32)
+    frac = jnp.asarray(i, jnp.float32) / jnp.maximum(n - 1.0, 1.0)
+    inv = 1.0 / rho
+    sigma = (sigma_max**inv + frac * (sigma_min**inv - sigma_max**inv)) ** rho
+    return jnp.where(jnp.asarray(i) >= num_steps, 0.0, sigma)
 
 
 def _gather(arr: jax.Array, t: jax.Array) -> jax.Array:

@@ -31,8 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.diffusion import bcast, karras_sigma, t_from_sigma
 from jaxdiff.samplers import common
-from jaxdiff.samplers.common import bcast, karras_sigma, run_loop, t_from_sigma
 from jaxdiff.schedules import Schedule
 
 __all__ = [
@@ -306,7 +306,7 @@ def sample_with_info(denoiser: Denoiser, x: jax.Array, sigmas: jax.Array, key=No
 
         return jax.lax.cond(sigma_next > 0, correct, lambda _: x_euler, None)
 
-    out = run_loop(body, jnp.asarray(x, jnp.float32), n)
+    out = jax.lax.fori_loop(0, n, body, jnp.asarray(x, jnp.float32))
     evals = n + jnp.sum(jnp.where(jnp.arange(capacity) < n, sigmas[1:] > 0, False))
     return out, {"nfe": evals.astype(jnp.int32), "num_steps": n}
 

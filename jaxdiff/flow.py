@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import checks
+from jaxdiff.diffusion import bcast
 from jaxdiff.samplers.common import check_num_steps, steps_result
 
 __all__ = ["METHODS", "interpolate", "velocity_target", "flow_matching_loss", "sample", "sample_with_info",
@@ -37,13 +38,9 @@ __all__ = ["METHODS", "interpolate", "velocity_target", "flow_matching_loss", "s
 METHODS = ("euler", "heun")
 
 
-def _bc(t: jax.Array, x: jax.Array) -> jax.Array:
-    return t.reshape(t.shape + (1,) * (x.ndim - 1))
-
-
 def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """``x_t = (1 - t) x0 + t noise`` with ``t`` ``[B]``."""
-    return (1.0 - _bc(t, x0)) * x0 + _bc(t, x0) * noise
+    return (1.0 - bcast(t, x0)) * x0 + bcast(t, x0) * noise
 
 
 def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import pytest
 from jax import lax
 
 from jaxdiff.models import get_model
-from jaxdiff.models.conv import conv_for, conv_general_dilated
+from jaxdiff.models.conv import CONV_BACKWARDS, conv_for, conv_general_dilated
 from jaxdiff.models.layers import ResBlock
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -137,6 +137,7 @@ def test_the_unet_routes_its_convolutions_by_conv_backward():
         return str(jaxpr).count("custom_jvp_call")
 
     assert custom_rules("xla") == 0
+    assert custom_rules(get_model("tiny").conv_backward) == 0  # the default, on every backend
     # tiny (ch_mult (1, 2), one ResBlock per level): conv_in and conv_out, 2 in each of its 8 ResBlocks
     # (2 down, 2 middle, 4 up), the 1x1 shortcuts of the 5 that change width, the upsampling conv;
     # not the strided downsampling conv.
@@ -146,6 +147,8 @@ def test_the_unet_routes_its_convolutions_by_conv_backward():
 def test_conv_backward_choice():
     assert conv_for("taps") is conv_general_dilated
     assert conv_for("xla") is None
-    assert conv_for("auto") is (conv_general_dilated if jax.default_backend() == "cpu" else None)
-    with pytest.raises(ValueError, match="conv_backward must be one of"):
-        conv_for("fast")
+    assert CONV_BACKWARDS == ("xla", "taps")
+    for removed in ("auto", "fast"):  # no backend-dependent default
+        with pytest.raises(ValueError, match="conv_backward must be one of"):
+            conv_for(removed)
+    assert get_model("tiny").conv_backward == "xla"

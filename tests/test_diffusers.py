@@ -23,6 +23,7 @@ from jaxdiff.models import (
     SamplingDefaults,
     count_params,
     ddpm_cifar10,
+    digits,
     from_diffusers,
     from_diffusers_pipeline,
     tiny,
@@ -245,6 +246,28 @@ def test_export_of_a_jaxdiff_model_by_resolution(tmp_path):
         to_diffusers(tiny(), params, str(tmp_path / "other"))
     with pytest.raises(FileExistsError, match="out"):
         to_diffusers(model, params, out, sample_size=8)
+
+
+def test_export_of_the_class_conditional_digits_preset(tmp_path):
+    """The README's default job (preset digits, 10 classes) exports: one GroupNorm count, 16 groups, in every layer."""
+    model = digits(num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    t, y = jnp.array([3, 400, 999]), jnp.array([0, 9, 10])  # 10: the null label
+    params = model.init(jax.random.key(1), x, t, y)["params"]
+    # Nudge every parameter so that the zero-initialised output layers do not hide a mismatch.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree.unflatten(treedef, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    out = to_diffusers(model, params, str(tmp_path / "digits"), sample_size=8)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["norm_num_groups"] == 16 and config["num_class_embeds"] == 11
+    assert config["block_out_channels"] == [32, 32] and config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]
+    model2, params2 = from_diffusers(out)
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    want = _apply(model, params, x, t, y)
+    assert float(jnp.max(jnp.abs(want))) > 0.1
+    np.testing.assert_allclose(_apply(model2, params2, x, t, y), want, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------ schedulers and pipelines

@@ -164,6 +164,27 @@ def test_attn_block_matches_numpy(num_heads):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_attn_block_bf16_takes_logits_and_softmax_in_float32():
+    """With bf16 compute the q k^T logits leave the matmul as float32 and the softmax's exp runs in float32."""
+    x = jnp.zeros((2, 4, 4, 16), jnp.bfloat16)
+    block = AttnBlock(num_heads=2, dtype=jnp.bfloat16)
+    params = jax.eval_shape(block.init, jax.random.key(0), x)["params"]
+    jaxpr = jax.make_jaxpr(lambda p: block.apply({"params": p}, x))(params)
+
+    def eqns(jx):
+        for e in jx.eqns:
+            yield e
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                yield from eqns(sub)
+
+    found = list(eqns(jaxpr.jaxpr))
+    # The logits are the only product with B * heads * HW * HW = 1024 entries (the projections have 512).
+    logits = [e for e in found if e.primitive.name == "dot_general" and e.outvars[0].aval.size == 2 * 2 * 16 * 16]
+    assert logits and all(e.outvars[0].aval.dtype == jnp.float32 for e in logits)
+    exps = [e for e in found if e.primitive.name == "exp"]
+    assert exps and all(e.outvars[0].aval.dtype == jnp.float32 for e in exps)
+
+
 # --- presets, shapes and parameter counts ---------------------------------------------------
 
 

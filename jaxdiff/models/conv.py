@@ -14,8 +14,15 @@ per kernel column, 1.8-2.7x faster than its own on the UNet's larger shapes).
 undilated, ungrouped NHWC/HWIO convolutions it carries a JVP rule whose tangent in the kernel
 is the convolution written as matmuls, so reverse mode transposes it into the matmul weight
 gradient, while forward mode (``jax.jvp``) keeps working; every other convolution is
-``lax.conv_general_dilated`` itself. The UNet uses it on the CPU (``UNet.conv_backward``);
-accelerators keep their own convolution kernels."""
+``lax.conv_general_dilated`` itself.
+
+The UNet uses XLA's convolution unless told otherwise: ``UNet(conv_backward="taps")`` selects this
+one. Nothing here asks which backend runs; choosing ``"taps"`` for XLA:CPU is the training
+setup's decision (accelerators keep their own kernels, ``"xla"``).
+
+When to remove it: once XLA:CPU's own weight gradient is within 10% of this matmul form on
+every shape ``bench/conv_backward.py`` times (its ``xla`` and ``taps`` rows), drop this module
+and ``CONV_BACKWARDS`` with it."""
 
 from __future__ import annotations
 
@@ -29,8 +36,10 @@ from jax.custom_derivatives import SymbolicZero
 
 __all__ = ["CONV_BACKWARDS", "conv_for", "conv_general_dilated"]
 
-# UNet.conv_backward values: "auto" picks "taps" on the CPU backend and "xla" elsewhere.
-CONV_BACKWARDS = ("auto", "xla", "taps")
+#: ``UNet.conv_backward`` values: ``"xla"`` (the default) differentiates ``lax.conv_general_dilated``
+#: as XLA does; ``"taps"`` uses :func:`conv_general_dilated` (the matmul weight gradient, faster
+#: on XLA:CPU, bench/conv_backward.py).
+CONV_BACKWARDS = ("xla", "taps")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -146,9 +155,7 @@ def conv_general_dilated(
 
 
 def conv_for(conv_backward: str):
-    """The ``conv_general_dilated`` for ``UNet.conv_backward`` (None means ``lax``'s)."""
+    """The ``conv_general_dilated`` for ``UNet.conv_backward`` in :data:`CONV_BACKWARDS` (None means ``lax``'s)."""
     if conv_backward not in CONV_BACKWARDS:
         raise ValueError(f"conv_backward must be one of {CONV_BACKWARDS}, got {conv_backward!r}")
-    if conv_backward == "auto":
-        conv_backward = "taps" if jax.default_backend() == "cpu" else "xla"
     return conv_general_dilated if conv_backward == "taps" else None

@@ -30,9 +30,33 @@ import jax
 import numpy as np
 
 from jaxdiff.models.layers import num_groups
-from jaxdiff.models.unet import UNet, check_image_size
+from jaxdiff.models.unet import Layout, UNet, check_image_size
 
-__all__ = ["DEFAULTS", "WRITTEN_VERSION", "config_from_unet", "unet_from_config"]
+__all__ = ["DEFAULTS", "WRITTEN_VERSION", "DiffusersUNet", "config_from_unet", "unet_from_config"]
+
+_DDPM = Layout()
+
+
+class DiffusersUNet(UNet):
+    """The :class:`~jaxdiff.models.unet.UNet` with the layout details diffusers' ``UNet2DModel`` varies.
+
+    The same network, parameter tree and call as ``UNet`` (``(x [B, H, W, C], t [B], y [B] | None)
+    -> [B, H, W, C_out]``); its extra fields are those of :class:`~jaxdiff.models.unet.Layout`
+    (defaults: DDPM's), set by :func:`unet_from_config` from a ``config.json``.
+    """
+
+    norm_eps: float = _DDPM.norm_eps
+    flip_sin_to_cos: bool = _DDPM.flip_sin_to_cos
+    freq_shift: float = _DDPM.freq_shift
+    downsample_padding: int = _DDPM.downsample_padding
+    attn_levels: tuple[int, ...] | None = _DDPM.attn_levels
+    head_dim: int | None = _DDPM.head_dim
+    mid_attn: bool = _DDPM.mid_attn
+    mid_attn_norm: bool = _DDPM.mid_attn_norm
+
+    def layout(self) -> Layout:
+        """This network's layout details: its fields."""
+        return Layout(**{name: getattr(self, name) for name in Layout._fields})
 
 WRITTEN_VERSION = "0.42.1"  # the diffusers release whose config.json layout config_from_unet writes
 
@@ -70,8 +94,8 @@ def _block_attention(types, known: dict, setting: str) -> list[bool]:
     return out
 
 
-def unet_from_config(config: dict) -> tuple[UNet, dict]:
-    """The :class:`UNet` of a diffusers ``UNet2DModel`` config, and ``{"in_channels", "sample_size"}``.
+def unet_from_config(config: dict) -> tuple[DiffusersUNet, dict]:
+    """The :class:`DiffusersUNet` of a diffusers ``UNet2DModel`` config, and ``{"in_channels", "sample_size"}``.
 
     Raises ``ValueError`` naming the first setting it cannot reproduce exactly.
     """
@@ -126,7 +150,7 @@ def unet_from_config(config: dict) -> tuple[UNet, dict]:
     sample_size = c["sample_size"]
     for size in [] if sample_size is None else np.atleast_1d(sample_size).tolist():
         check_image_size(int(size), [1] * levels)
-    model = UNet(
+    model = DiffusersUNet(
         ch=ch, ch_mult=tuple(v // ch for v in chans), num_res_blocks=c["layers_per_block"], attn_resolutions=(),
         dropout=float(c["dropout"]), num_classes=None if num_class_embeds is None else num_class_embeds - 1,
         out_channels=c["out_channels"], scale_shift=scale_shift, num_heads=1, norm_groups=groups,
@@ -152,6 +176,7 @@ def config_from_unet(model: UNet, params, sample_size: int | None = None) -> dic
     ``attn_resolutions`` (diffusers places it by level: the two agree at this size).
     """
     levels = len(model.ch_mult)
+    lay = model.layout()
     widths = _group_norm_widths(params)
     if model.norm_groups is None:
         counts = sorted({num_groups(w) for w in widths})
@@ -163,18 +188,20 @@ def config_from_unet(model: UNet, params, sample_size: int | None = None) -> dic
         groups = counts[0]
     else:
         groups = model.norm_groups
-    if model.attn_levels is not None:
-        attn_levels = tuple(model.attn_levels)
+    if lay.attn_levels is not None:
+        attn_levels = tuple(lay.attn_levels)
     elif not model.attn_resolutions:
         attn_levels = ()
     elif sample_size is None:
-        raise ValueError(f"attn_resolutions={model.attn_resolutions}: pass sample_size (or set UNet.attn_levels)")
+        raise ValueError(
+            f"attn_resolutions={model.attn_resolutions}: pass sample_size (or use DiffusersUNet(attn_levels=...))"
+        )
     else:
         attn_levels = tuple(i for i in range(levels) if sample_size // 2**i in model.attn_resolutions)
     chans = [model.ch * m for m in model.ch_mult]
-    attn_chans = sorted({chans[i] for i in attn_levels} | ({chans[-1]} if model.mid_attn else set()))
-    if model.head_dim is not None:
-        head_dim = model.head_dim
+    attn_chans = sorted({chans[i] for i in attn_levels} | ({chans[-1]} if lay.mid_attn else set()))
+    if lay.head_dim is not None:
+        head_dim = lay.head_dim
     elif model.num_heads == 1:
         head_dim = None
     elif len(attn_chans) == 1 and attn_chans[0] % model.num_heads == 0:
@@ -183,7 +210,7 @@ def config_from_unet(model: UNet, params, sample_size: int | None = None) -> dic
         raise ValueError(
             f"num_heads={model.num_heads} at attention widths {attn_chans}: diffusers fixes the head width"
         )
-    if model.mid_attn_norm:
+    if lay.mid_attn_norm:
         attn_norm = groups if model.scale_shift else None
     elif model.scale_shift:
         attn_norm = None
@@ -195,14 +222,14 @@ def config_from_unet(model: UNet, params, sample_size: int | None = None) -> dic
         "_class_name": "UNet2DModel", "_diffusers_version": WRITTEN_VERSION,
         **DEFAULTS,
         "sample_size": sample_size, "in_channels": int(in_ch), "out_channels": int(out_ch),
-        "freq_shift": int(model.freq_shift) if float(model.freq_shift).is_integer() else model.freq_shift,
-        "flip_sin_to_cos": model.flip_sin_to_cos,
+        "freq_shift": int(lay.freq_shift) if float(lay.freq_shift).is_integer() else lay.freq_shift,
+        "flip_sin_to_cos": lay.flip_sin_to_cos,
         "down_block_types": ["AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(levels)],
         "up_block_types": ["AttnUpBlock2D" if i in attn_levels else "UpBlock2D" for i in reversed(range(levels))],
         "block_out_channels": chans, "layers_per_block": model.num_res_blocks,
-        "downsample_padding": model.downsample_padding, "dropout": model.dropout, "attention_head_dim": head_dim,
-        "norm_num_groups": groups, "attn_norm_num_groups": attn_norm, "norm_eps": model.norm_eps,
+        "downsample_padding": lay.downsample_padding, "dropout": model.dropout, "attention_head_dim": head_dim,
+        "norm_num_groups": groups, "attn_norm_num_groups": attn_norm, "norm_eps": lay.norm_eps,
         "resnet_time_scale_shift": "scale_shift" if model.scale_shift else "default",
-        "add_attention": model.mid_attn,
+        "add_attention": lay.mid_attn,
         "num_class_embeds": None if model.num_classes is None else model.num_classes + 1,
     }

@@ -182,8 +182,10 @@ class AttnBlock(nn.Module):
     """Multi-head self-attention over the ``H * W`` positions, with a residual connection.
 
     ``GN -> q, k, v (1x1 projections) -> softmax(q k^T / sqrt(d)) v -> proj_out`` where
-    ``proj_out`` is zero-initialised (the block starts as the identity). The logits and
-    softmax are computed in float32 whatever ``dtype`` is. ``head_dim``, when set, fixes the
+    ``proj_out`` is zero-initialised (the block starts as the identity). The attention is
+    ``jax.nn.dot_product_attention`` (fused kernels where the backend has them; the
+    ``[B, heads, HW, HW]`` logits are not formed here), its logits and softmax in float32
+    whatever ``dtype`` is. ``head_dim``, when set, fixes the
     width of a head instead (``C // head_dim`` heads); ``use_norm=False`` drops the GroupNorm.
     """
 
@@ -218,9 +220,9 @@ class AttnBlock(nn.Module):
             return y.reshape(b, hgt * wid, num_heads, d)
 
         q, k, v = proj("q"), proj("k"), proj("v")
-        logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, hgt, wid, c)
+        # jax.nn.dot_product_attention: XLA's form computes the logits with float32 accumulation
+        # and the softmax in float32 for bf16/f16 inputs; the fused (cuDNN/TPU) kernels do too.
+        out = jax.nn.dot_product_attention(q, k, v, scale=d**-0.5).reshape(b, hgt, wid, c)
         out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
         return x + out
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -34,6 +35,7 @@ from jaxdiff.models.layers import (
 
 __all__ = [
     "PRESETS",
+    "Layout",
     "UNet",
     "check_image_size",
     "count_params",
@@ -60,6 +62,27 @@ def count_params(params) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
+class Layout(NamedTuple):
+    """Details of the UNet that DDPM fixes (these defaults) and other code bases vary.
+
+    ``norm_eps``: every GroupNorm's epsilon. ``flip_sin_to_cos`` / ``freq_shift``: of
+    :func:`~jaxdiff.models.layers.timestep_embedding`. ``downsample_padding``: 0 pads
+    bottom/right, 1 every side. ``attn_levels``: attention after every ResBlock of these level
+    indices (counted from the input resolution) instead of by ``UNet.attn_resolutions``.
+    ``head_dim``: heads of this width instead of ``UNet.num_heads`` heads. ``mid_attn``: the
+    middle attention block; ``mid_attn_norm``: its GroupNorm.
+    """
+
+    norm_eps: float = 1e-6
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
+    downsample_padding: int = 0
+    attn_levels: tuple[int, ...] | None = None
+    head_dim: int | None = None
+    mid_attn: bool = True
+    mid_attn_norm: bool = True
+
+
 class UNet(nn.Module):
     """DDPM UNet: ``(x [B, H, W, C], t [B], y [B] | None) -> [B, H, W, C_out]``.
 
@@ -78,22 +101,19 @@ class UNet(nn.Module):
     dropout uses the ``"dropout"`` rng as usual.
 
     As in the reference code, each ResBlock projects ``SiLU(temb)``; GroupNorm uses 32 groups,
-    fewer for layers narrower than 64 channels (see :func:`jaxdiff.models.layers.num_groups`).
+    fewer for layers narrower than 64 channels (see :func:`jaxdiff.models.layers.num_groups`),
+    or ``norm_groups`` groups in every layer when set (one count for every width, as diffusers'
+    ``norm_num_groups``: the ``digits`` preset sets it so that it exports).
 
-    Options whose defaults are the reference code's (they exist to match other checkpoints,
-    e.g. diffusers' ``UNet2DModel``, see :mod:`jaxdiff.models.diffusers`):
-    ``norm_groups`` (every GroupNorm's groups; ``None``: the rule above) and ``norm_eps``;
-    ``flip_sin_to_cos`` / ``freq_shift`` of :func:`~jaxdiff.models.layers.timestep_embedding`;
-    ``downsample_padding`` (0: pad bottom/right, 1: every side); ``attn_levels`` (attention
-    after every ResBlock of these level indices, counted from the input resolution, instead of
-    by ``attn_resolutions``); ``head_dim`` (heads of width ``head_dim`` instead of
-    ``num_heads`` heads); ``mid_attn`` (the middle attention block) and ``mid_attn_norm``
-    (its GroupNorm).
+    The details that DDPM fixes and other code bases vary (GroupNorm epsilon, timestep-embedding
+    convention, downsampling padding, attention placement and heads, middle attention) are
+    :class:`Layout`; this UNet has DDPM's (:meth:`layout`). Imported diffusers checkpoints use
+    :class:`~jaxdiff.models.diffusers_config.DiffusersUNet`, whose fields set them.
 
-    ``conv_backward`` chooses how the stride-1 convolutions are differentiated (values, and
-    results, are the same): ``"taps"`` writes the weight gradient as one matmul per kernel tap
-    (:mod:`jaxdiff.models.conv`, faster on XLA:CPU), ``"xla"`` keeps XLA's, ``"auto"`` (default)
-    takes ``"taps"`` on the CPU backend and ``"xla"`` elsewhere.
+    ``conv_backward`` (one of :data:`jaxdiff.models.conv.CONV_BACKWARDS`) chooses how the
+    stride-1 convolutions are differentiated (values, and results, are the same): ``"xla"``
+    (default) keeps XLA's, ``"taps"`` writes the weight gradient as matmuls over the kernel taps
+    (:mod:`jaxdiff.models.conv`, faster on XLA:CPU; the training setup selects it there).
     """
 
     ch: int = 128
@@ -109,15 +129,11 @@ class UNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     norm_groups: int | None = None
-    norm_eps: float = 1e-6
-    flip_sin_to_cos: bool = False
-    freq_shift: float = 1.0
-    downsample_padding: int = 0
-    attn_levels: tuple[int, ...] | None = None
-    head_dim: int | None = None
-    mid_attn: bool = True
-    mid_attn_norm: bool = True
-    conv_backward: str = "auto"
+    conv_backward: str = "xla"
+
+    def layout(self) -> Layout:
+        """The layout details this network uses: DDPM's (subclasses for other checkpoints override it)."""
+        return Layout()
 
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
         if x.ndim != 4:
@@ -149,7 +165,8 @@ class UNet(nn.Module):
         emb_dim = 4 * self.ch
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
-        norm = {"norm_groups": self.norm_groups, "norm_eps": self.norm_eps}
+        lay = self.layout()
+        norm = {"norm_groups": self.norm_groups, "norm_eps": lay.norm_eps}
         conv = conv_for(self.conv_backward)
 
         def res_block(h, out_ch, name):
@@ -157,17 +174,17 @@ class UNet(nn.Module):
             return block(h, temb, train, dropout_keys)
 
         def attn(h, name, use_norm=True):
-            return AttnBlock(self.num_heads, dt, **norm, head_dim=self.head_dim, use_norm=use_norm, name=name)(h)
+            return AttnBlock(self.num_heads, dt, **norm, head_dim=lay.head_dim, use_norm=use_norm, name=name)(h)
 
         def maybe_attn(h, level, name):
-            if self.attn_levels is not None:
-                wanted = level in self.attn_levels
+            if lay.attn_levels is not None:
+                wanted = level in lay.attn_levels
             else:
                 wanted = h.shape[1] in self.attn_resolutions
             return attn(h, name) if wanted else h
 
         # Time (and class) embedding: [B, 4 * ch].
-        temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+        temb = timestep_embedding(t, self.ch, flip_sin_to_cos=lay.flip_sin_to_cos, freq_shift=lay.freq_shift)
         temb = nn.Dense(emb_dim, dtype=dt, name="temb_dense0")(temb)
         temb = nn.Dense(emb_dim, dtype=dt, name="temb_dense1")(nn.silu(temb))
         if self.num_classes is not None:
@@ -184,13 +201,13 @@ class UNet(nn.Module):
                 h = res_block(hs[-1], self.ch * mult, f"down_{i}_block_{j}")
                 hs.append(maybe_attn(h, i, f"down_{i}_attn_{j}"))
             if i != num_levels - 1:
-                hs.append(Downsample(dt, self.downsample_padding, name=f"down_{i}_downsample")(hs[-1]))
+                hs.append(Downsample(dt, lay.downsample_padding, name=f"down_{i}_downsample")(hs[-1]))
 
         # Middle.
         h = hs[-1]
         h = res_block(h, h.shape[-1], "mid_block_1")
-        if self.mid_attn:
-            h = attn(h, "mid_attn_1", use_norm=self.mid_attn_norm)
+        if lay.mid_attn:
+            h = attn(h, "mid_attn_1", use_norm=lay.mid_attn_norm)
         h = res_block(h, h.shape[-1], "mid_block_2")
 
         # Upsampling.
@@ -207,7 +224,7 @@ class UNet(nn.Module):
         out_ch = self.out_channels if self.out_channels is not None else x.shape[-1]
         if self.learn_sigma:
             out_ch *= 2
-        h = nn.silu(group_norm(h.shape[-1], dt, "norm_out", self.norm_groups, self.norm_eps)(h))
+        h = nn.silu(group_norm(h.shape[-1], dt, "norm_out", self.norm_groups, lay.norm_eps)(h))
         h = nn.Conv(
             out_ch, (3, 3), padding="SAME", dtype=dt,
             kernel_init=nn.initializers.zeros, name="conv_out", conv_general_dilated=conv,
@@ -226,7 +243,11 @@ small = partial(
 )
 # 8x8 single-channel digits, sized for 2 CPU cores: 0.28M parameters, 5.1 GFLOP per
 # forward+backward pass of a batch of 128 (ch=64, ch_mult=(1, 2) would be 2.8M and 40 GFLOP).
-digits = partial(UNet, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+# One GroupNorm group count for every layer (what num_groups gives its narrowest, 32 channels),
+# so that it exports to diffusers (one norm_num_groups).
+digits = partial(
+    UNet, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, norm_groups=16
+)
 # For tests: 0.18M parameters.
 tiny = partial(UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
 
