@@ -50,7 +50,7 @@ def run_train(preset, image_shape, batch, dtype, remat, steps, overrides=None):
     model = get_model(preset, dtype=getattr(jnp, dtype), remat=remat, **(overrides or {}))
     tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
     state = nets.init_train_state(model, tx, image_shape)
-    fn = jax.jit(nets.library_train_step(model, tx), donate_argnums=(0,))
+    fn = jax.jit(nets.library_train_step(), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     data = {"image": jnp.asarray(rng.uniform(-1, 1, (batch, *image_shape)).astype(np.float32)),
             "index": jnp.arange(batch, dtype=jnp.int32)}

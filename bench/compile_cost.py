@@ -187,7 +187,7 @@ def count_train_recompiles(batch: int) -> dict:
     model = nets.build(net)
     tx = make_optimizer(2e-4, warmup_steps=10, grad_clip=1.0)
     state = nets.init_train_state(model, tx, net.image_shape, net.num_classes)
-    step = jax.jit(nets.library_train_step(model, tx, num_classes=net.num_classes, label_dropout=0.1),
+    step = jax.jit(nets.library_train_step(),
                    donate_argnums=(0,))
     batches = [nets.make_jax_batch(net, batch, seed=s) for s in range(5)]
     key = jax.random.key(1)

@@ -83,7 +83,7 @@ def get(name: str) -> BenchNet:
     return NETWORKS[name]
 
 
-def build(net: BenchNet, dtype: str = "float32", remat: bool = False, conv_backward: str = "auto"):
+def build(net: BenchNet, dtype: str = "float32", remat: bool = False, conv_backward: str = "taps"):
     """The jaxdiff UNet of ``net``: ``get_model(net.preset, **net.overrides)``."""
     import jax.numpy as jnp
 
@@ -123,7 +123,8 @@ def make_jax_batch(net: BenchNet, batch: int, seed: int = 0) -> dict:
 # builds its train state, train step and sampling call with these three functions, so a change
 # of jaxdiff.training's signatures is adapted in this one section.
 def init_train_state(model, tx, image_shape: tuple[int, int, int], num_classes: int | None = None, key=None):
-    """``jaxdiff.training.state.create_train_state`` of ``model`` (a UNet) with the optimizer ``tx``.
+    """``jaxdiff.training.state.create_train_state`` of ``model`` (a UNet) with the optimizer ``tx``,
+    EMA decay 0.9999 and, when conditional, label dropout 0.1 (the state holds them).
 
     ``image_shape`` is ``(H, W, C)``; ``key`` defaults to ``jax.random.key(0)``. Jittable with
     ``model``, ``tx``, ``image_shape`` and ``num_classes`` static.
@@ -133,36 +134,39 @@ def init_train_state(model, tx, image_shape: tuple[int, int, int], num_classes: 
     from jaxdiff.training.state import create_train_state
 
     key = jax.random.key(0) if key is None else key
-    return create_train_state(key, model, tx, image_shape, num_classes=num_classes)
+    return create_train_state(key, model, tx, image_shape, num_classes=num_classes, ema_decay=0.9999,
+                              label_dropout=0.1 if num_classes else 0.0)
 
 
-def library_train_step(model, tx, *, num_classes: int | None = None, label_dropout: float = 0.0,
-                       ema_decay: float = 0.9999):
-    """``step(state, batch, key) -> (state, metrics)``: ``jaxdiff.training.step.train_step`` for
-    ``model`` and ``tx``, epsilon prediction, uniform weighting, ``linear_schedule(1000)``.
+def library_train_step():
+    """``step(state, batch, key) -> (state, metrics)``: ``jaxdiff.training.step.train_step`` of the
+    diffusion objective (epsilon prediction, uniform weighting, ``linear_schedule(1000)``); the
+    network, optimizer, EMA decay and label dropout come with the state (:func:`init_train_state`).
 
     ``batch`` holds ``image [B, H, W, C]``, ``index [B]`` (and ``label [B]`` when conditional);
     ``key`` is the run's root key. Pure: the caller wraps it in ``jax.jit`` / ``pmap``.
     """
     import jaxdiff
+    from jaxdiff.objectives import Diffusion
     from jaxdiff.training.step import train_step
 
-    return functools.partial(train_step, apply_fn=model.apply, tx=tx, schedule=jaxdiff.linear_schedule(1000),
-                             ema_decay=ema_decay, num_classes=num_classes, label_dropout=label_dropout)
+    return functools.partial(train_step, objective=Diffusion(schedule=jaxdiff.linear_schedule(1000)))
 
 
 def library_generate(model, image_shape: tuple[int, int, int], *, sampler: str, num_steps: int):
     """``gen(params, key, labels) -> [N, H, W, C]``: ``jaxdiff.training.generate.generate`` for
     ``model`` on ``linear_schedule(1000)`` (``labels [N]`` int; ``N`` samples). Pure: jit it."""
     import jaxdiff
+    from jaxdiff.objectives import Diffusion
     from jaxdiff.training.generate import generate
 
-    return functools.partial(generate, model.apply, schedule=jaxdiff.linear_schedule(1000), image_shape=image_shape,
+    return functools.partial(generate, Diffusion(schedule=jaxdiff.linear_schedule(1000)), model.apply,
+                             image_shape=image_shape,
                              sampler=sampler, num_steps=num_steps)
 
 
 def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: bool = False,
-                   donate: bool = True, conv_backward: str = "auto"):
+                   donate: bool = True, conv_backward: str = "taps"):
     """The library's train step of ``net`` under ``jax.jit`` (state donated unless ``donate=False``):
     Adam 2e-4 with global-norm clipping 1.0, EMA 0.9999, label dropout 0.1 when conditional.
 
@@ -180,7 +184,7 @@ def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: 
     t0 = time.perf_counter()
     state = jax.block_until_ready(init_train_state(model, tx, net.image_shape, net.num_classes))
     init_s = time.perf_counter() - t0
-    fn = jax.jit(library_train_step(model, tx, num_classes=net.num_classes, label_dropout=0.1),
+    fn = jax.jit(library_train_step(),
                  donate_argnums=(0,) if donate else ())
     data = make_jax_batch(net, batch)
     key = jax.random.key(1)

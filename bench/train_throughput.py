@@ -130,7 +130,7 @@ def conv_layers(net: nets.BenchNet, batch: int) -> list[dict]:
     return out
 
 
-def conv_cases(layers: list[dict], torch_threads: tuple[int, ...] = (), conv_backward: str = "auto"):
+def conv_cases(layers: list[dict], torch_threads: tuple[int, ...] = (), conv_backward: str = "taps"):
     """``{stack: run()}`` where ``run`` does forward + input and weight gradients of every layer once.
 
     The jaxdiff side differentiates the convolutions as ``UNet(conv_backward=...)`` does."""

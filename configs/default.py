@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = placeholder(float)
     config.model.scale_shift = placeholder(bool)
     config.model.num_heads = placeholder(int)
+    config.model.norm_groups = placeholder(int)  # every GroupNorm's groups (the digits preset: 16)
     config.model.class_conditional = False  # labels -> the UNet's class embedding (+ null label)
     config.model.dtype = "float32"  # "bfloat16" for mixed precision on accelerators
     config.model.remat = False

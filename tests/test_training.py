@@ -47,7 +47,8 @@ def test_pmap_sharding_and_one_device_agree():
     for mode, n in (("pmap", 4), ("sharding", 4)):
         got = _run_steps(config, mode, devs[:n])
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{mode} on {n} devices")
+            # atol: Adam normalises near-zero gradients, so another reduction order moves ~1e-6 params by ~1e-5
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5, err_msg=f"{mode} on {n} devices")
         assert int(got.step) == 3
 
 

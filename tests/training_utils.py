@@ -17,6 +17,7 @@ def tiny_config(**train):
     """The digits config shrunk to a model and schedule that compile and run in seconds."""
     config = digits.get_config()
     config.model.ch = 8
+    config.model.norm_groups = 8  # the digits preset's 16 groups need 16 channels
     config.model.ch_mult = (1,)
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = (8,)
@@ -37,7 +38,7 @@ def tiny_config(**train):
 
 
 TINY_FLAGS = [
-    "--config.model.ch=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
+    "--config.model.ch=8", "--config.model.norm_groups=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
     "--config.model.attn_resolutions=(8,)", "--config.model.dropout=0.1",
     "--config.diffusion.num_timesteps=100", "--config.train.global_batch_size=16",
     "--config.train.warmup_steps=2", "--config.train.log_every=1", "--config.train.sample_every=0",

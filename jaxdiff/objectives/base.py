@@ -6,7 +6,7 @@ An objective (a frozen pytree dataclass; its settings are static fields) supplie
   a flow time or an EDM ``sigma``);
 * :meth:`Objective.loss`: the training loss of the network at given levels and noise;
 * :meth:`Objective.denoiser`: the network as the samplers see it, a
-  :class:`jaxdiff.diffusion.Denoiser`;
+  :class:`jaxdiff.den.Denoiser`;
 * :attr:`Objective.discrete`: whether it has a discrete schedule, which decides the samplers it
   serves (:meth:`Objective.sampler_names`, :meth:`Objective.check_sampler`).
 
@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import jax
 
-from jaxdiff import diffusion
+from jaxdiff import denoiser as den
 from jaxdiff.samplers import registry
 
 __all__ = ["Network", "Objective", "fail"]
@@ -64,7 +64,7 @@ class Objective(abc.ABC):
         (unused when levels and noise are given)."""
 
     @abc.abstractmethod
-    def denoiser(self, net: Network, *, clip_x0: bool = False) -> diffusion.Denoiser:
+    def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:
         """The network as every sampler sees it. ``clip_x0``: clip its x0 estimates to ``[-1, 1]``
         where the objective's parameterization allows it (image data)."""
 
@@ -80,9 +80,9 @@ class Objective(abc.ABC):
 
     def sampler_names(self) -> tuple[str, ...]:
         """The registry's samplers that serve this objective's models."""
-        return registry.names(discrete=None if self.discrete else False)
+        return registry.names(self.name)
 
     def check_sampler(self, name: str, *, num_steps=None, options=None, prefix: str = "") -> registry.Sampler:
         """:func:`jaxdiff.samplers.registry.check` for this objective's models; returns the entry."""
-        return registry.check(name, discrete=self.discrete, num_steps=num_steps, num_timesteps=self.num_timesteps,
+        return registry.check(name, objective=self.name, num_steps=num_steps, num_timesteps=self.num_timesteps,
                               options=options, prefix=prefix)

@@ -12,6 +12,7 @@ from typing import ClassVar
 import flax.struct
 import jax
 
+from jaxdiff import denoiser as den
 from jaxdiff import diffusion, losses, schedules
 from jaxdiff.objectives.base import Network, Objective, fail
 
@@ -91,7 +92,7 @@ class Diffusion(Objective):
                                      min_snr_gamma=self.min_snr_gamma, learned_variance=self.variance, t=level,
                                      noise=noise)
 
-    def denoiser(self, net: Network, *, clip_x0: bool = False) -> diffusion.Denoiser:
-        return diffusion.eps_denoiser(self.schedule, net, self.prediction, clip_x0=clip_x0,
+    def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:
+        return den.eps_denoiser(self.schedule, net, self.prediction, clip_x0=clip_x0,
                                       learned_variance=self.variance)
 

@@ -2,7 +2,7 @@
 
 ``ln sigma ~ N(p_mean, p_std^2)``, the loss :func:`jaxdiff.edm.edm_loss` of
 ``D = jaxdiff.edm.precondition(F, sigma_data)`` with ``F`` fed ``t = jaxdiff.edm.unet_time(c_noise)``.
-Sampling uses the same ``D`` (:class:`jaxdiff.diffusion.Denoiser` over EDM's range
+Sampling uses the same ``D`` (:class:`jaxdiff.denoiser.Denoiser` over EDM's range
 ``[0.002, 80]``): ``sigma_data`` reaches every sampler from here alone.
 """
 
@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import flax.struct
 
-from jaxdiff import diffusion
+from jaxdiff import denoiser as den
 from jaxdiff import edm as edm_lib
 from jaxdiff.objectives.base import Network, Objective, fail
 
@@ -50,6 +50,6 @@ class EDM(Objective):
         return edm_lib.edm_loss(self._precondition(net), x0, key, sigma_data=self.sigma_data, sigma=level,
                                 noise=noise)
 
-    def denoiser(self, net: Network, *, clip_x0: bool = False) -> diffusion.Denoiser:
+    def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:
         del clip_x0  # EDM's sampler never clipped its denoiser
-        return diffusion.Denoiser(fn=self._precondition(net), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+        return den.Denoiser(fn=self._precondition(net), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)

@@ -2,7 +2,7 @@
 
 ``t ~ U[0, 1)``, ``x_t = (1 - t) x0 + t eps``, the network regresses the velocity ``eps - x0``
 (:func:`jaxdiff.flow.flow_matching_loss`) and is fed ``999 t`` (the UNet's timestep scale).
-Sampling sees it through :func:`jaxdiff.flow.velocity_denoiser`: the samplers on a sigma grid
+Sampling sees it through :func:`jaxdiff.denoiser.velocity_denoiser`: the samplers on a sigma grid
 serve it; those on a discrete schedule's integer grid do not.
 """
 
@@ -14,7 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import diffusion, flow
+from jaxdiff import denoiser as den
+from jaxdiff import flow
 from jaxdiff.objectives.base import Network, Objective, fail
 
 __all__ = ["FlowMatching", "TIME_SCALE"]
@@ -40,6 +41,6 @@ class FlowMatching(Objective):
     def loss(self, net: Network, x0, key, *, level, noise):
         return flow.flow_matching_loss(flow.with_time_scale(net, TIME_SCALE), x0, key, t=level, noise=noise)
 
-    def denoiser(self, net: Network, *, clip_x0: bool = False) -> diffusion.Denoiser:
+    def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:
         del clip_x0  # the velocity's x0 estimate is not clipped (as before: flow sampling never clipped)
-        return flow.velocity_denoiser(flow.with_time_scale(net, TIME_SCALE))
+        return den.velocity_denoiser(flow.with_time_scale(net, TIME_SCALE))

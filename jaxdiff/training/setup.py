@@ -34,7 +34,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # XLA's own ("xla", the UNet's default) elsewhere. A platform choice, so the setup makes it, not the model.
 CONV_BACKWARDS = ("auto", "xla", "taps")
 # config.model fields that override the preset's UNet fields when set (None: the preset's value).
-MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "scale_shift", "num_heads")
+MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "scale_shift", "num_heads",
+                   "norm_groups")
 
 
 def _fail(setting: str, value, why: str):
