@@ -304,7 +304,7 @@ def tiny_workdir(tmp_path_factory):
 
 
 def _script(name, *args):
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", name), *args]
+    cmd = [sys.executable, "-m", f"jaxdiff.scripts.{name.removesuffix('.py')}", *args]
     return subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
 
 
