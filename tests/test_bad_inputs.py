@@ -28,7 +28,7 @@ from jaxdiff.schedules import linear_schedule
 from jaxdiff.training.evaluate import check_eval_output, write_eval
 from jaxdiff.training.generate import generate, sample_workdir
 
-from training_utils import ROOT, subprocess_env, tiny_config
+from training_utils import subprocess_env, tiny_config
 
 T = 10
 SCHED = linear_schedule(T, 1e-3, 0.2)

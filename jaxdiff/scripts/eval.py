@@ -25,11 +25,8 @@ fixture (``write_random_inception`` in ``tests/test_quality.py`` does exactly th
 """
 
 import json
-import os
-import sys
 
 from absl import flags
-
 
 from jaxdiff import cli
 

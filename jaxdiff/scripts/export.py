@@ -11,10 +11,8 @@ exported to ``OUT/unet`` only); an existing non-empty ``OUT`` is never overwritt
 """
 
 import os
-import sys
 
 from absl import flags
-
 
 from jaxdiff import cli
 

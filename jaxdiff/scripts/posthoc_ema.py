@@ -7,11 +7,8 @@ Needs a run trained with ``config.train.posthoc_ema.sigma_rels`` set (its snapsh
 ``jaxdiff-sample --ema sigma_rel=0.08`` and ``jaxdiff-eval --ema sigma_rel=0.08`` use.
 """
 
-import os
-import sys
 
 from absl import flags
-
 
 from jaxdiff import cli
 

@@ -17,10 +17,8 @@ is refused unless ``--overwrite`` is given.
 """
 
 import os
-import sys
 
 from absl import flags
-
 
 from jaxdiff import cli
 from jaxdiff.samplers.registry import SAMPLERS

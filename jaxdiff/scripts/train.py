@@ -17,7 +17,6 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-
 from jaxdiff import cli
 
 FLAGS = flags.FLAGS
