@@ -13,7 +13,7 @@ jitted step every script times, :func:`jax_train_step`.
 =================  ================  =====================================================  ======
 name               preset            overrides                                              params
 =================  ================  =====================================================  ======
-``digits``         ``digits``        ``num_classes=10`` (configs/digits.py's network)        0.29M
+``digits``         ``digits``        ``num_classes=10`` (jaxdiff/configs/digits.py's network)        0.29M
 ``digits_x10``     ``digits``        ``num_classes=10, ch=64, ch_mult=(1, 2)``               2.80M
 ``cifar_small``    ``ddpm_cifar10``  ``ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,           1.11M
                                      dropout=0.0``
@@ -60,7 +60,7 @@ class BenchNet:
 NETWORKS: dict[str, BenchNet] = {
     n.name: n for n in (
         BenchNet("digits", "digits", {"num_classes": 10}, (8, 8, 1), 64,
-                 "configs/digits.py's network (the README's): the digits preset, class-conditional; "
+                 "jaxdiff/configs/digits.py's network (the README's): the digits preset, class-conditional; "
                  "that config's batch 64"),
         BenchNet("digits_x10", "digits", {"num_classes": 10, "ch": 64, "ch_mult": (1, 2)}, (8, 8, 1), 128,
                  "the digits preset widened to ch 64, (1, 2): 10x its parameters; called 'digits' in the "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -107,6 +108,43 @@ def enable_compilation_cache(path: str | None) -> str | None:
     return path
 
 
+def _flag_error(argv: list[str], error: BaseException) -> str:
+    """One line for a flag that cannot be parsed: a config field that does not exist, a bad value, a missing file."""
+    text = str(error).replace("\\'", "'").replace('\\"', '"').replace("\\n", "\n").strip("'")
+    key = re.search(r"'(\w+)'", text)
+    guess = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+    if key and isinstance(error, (AttributeError, KeyError)):
+        for arg in argv[1:]:
+            name = arg.split("=", 1)[0].lstrip("-")
+            parts = name.split(".")
+            if name.startswith("config.") and key.group(1) in parts[1:]:
+                parent = ".".join(parts[:parts.index(key.group(1))])
+                hint = f"; did you mean {guess.group(1)}?" if guess else ""
+                return f"--{name}: no such field in {parent}{hint}"
+    if isinstance(error, flags.UnrecognizedFlagError) and "config." in text:
+        return f"--{text.split(chr(39))[1]}: no such field in the config"
+    if "No such file or directory" in text or isinstance(error, OSError):
+        missing = [arg.split("=", 1)[-1] for i, arg in enumerate(argv) if arg.startswith("--config=")]
+        missing += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+        if missing and not os.path.exists(missing[0]):
+            return f"--config: no such file {missing[0]!r}"
+    return " ".join(text.split("\n")[0].split()) or type(error).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """``flags.FLAGS(argv)``; a flag that cannot be parsed prints one ``error:`` line and exits 1 (``--debug``: raises)."""
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+            flags.FLAGS.config  # noqa: B018  (loads the file and applies the overrides now, before any work)
+        return rest
+    except Exception as error:
+        if "--debug" in argv:
+            raise
+        print(f"error: {_flag_error(argv, error)}", file=sys.stderr)
+        sys.exit(1)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """``absl.app.run(main)`` with quiet logs, the compilation cache and ``error: ...`` lines for expected failures."""
 
@@ -123,4 +161,4 @@ def run(main: Callable[[list[str]], None]) -> None:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
 
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=_parse_flags)

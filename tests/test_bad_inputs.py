@@ -28,7 +28,7 @@ from jaxdiff.schedules import linear_schedule
 from jaxdiff.training.evaluate import check_eval_output, write_eval
 from jaxdiff.training.generate import generate, sample_workdir
 
-from training_utils import ROOT, subprocess_env, tiny_config
+from training_utils import subprocess_env, tiny_config
 
 T = 10
 SCHED = linear_schedule(T, 1e-3, 0.2)
@@ -304,7 +304,7 @@ def tiny_workdir(tmp_path_factory):
 
 
 def _script(name, *args):
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", name), *args]
+    cmd = [sys.executable, "-m", f"jaxdiff.scripts.{name.removesuffix('.py')}", *args]
     return subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
 
 

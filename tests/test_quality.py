@@ -157,7 +157,7 @@ def test_eval_script_fid_digits_and_missing_inception(workdir, tmp_path):
     The random-weight Inception smoke test of eval.py's docstring (``write_random_inception``) takes
     minutes on a CPU (299x299 inputs), so it is not run here."""
     env = subprocess_env(1)
-    script = [sys.executable, os.path.join(ROOT, "scripts", "eval.py"), f"--workdir={workdir}", "--fid", "--nobpd"]
+    script = [sys.executable, "-m", "jaxdiff.scripts.eval", f"--workdir={workdir}", "--fid", "--nobpd"]
     proc = subprocess.run([*script, "--num_samples=20", "--seeds=0,1"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -124,7 +124,7 @@ def test_config_drift_is_refused_and_allowed_changes_are_recorded(tmp_path, four
 
 
 def test_a_flow_config_cannot_resume_a_diffusion_workdir():
-    from configs import digits, digits_flow
+    from jaxdiff.configs import digits, digits_flow
 
     saved, current = digits.get_config().to_dict(), digits_flow.get_config().to_dict()
     with pytest.raises(ValueError, match="diffusion.objective: 'diffusion' -> 'flow_matching'"):

@@ -1,4 +1,4 @@
-"""Sampling a diffusers pipeline folder with jaxdiff's samplers (``scripts/sample.py --diffusers``).
+"""Sampling a diffusers pipeline folder with jaxdiff's samplers (``jaxdiff-sample --diffusers``).
 
 The expected images are computed independently of ``sample_pipeline``: the folder's UNet and
 schedule are loaded and the same chain is run directly through ``jaxdiff.samplers.sample``.

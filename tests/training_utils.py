@@ -7,10 +7,9 @@ import sys
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # for `configs`
+from jaxdiff.configs import digits
 
-from configs import digits  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**train):
@@ -47,8 +46,8 @@ TINY_FLAGS = [
 
 
 def train_command(workdir, *extra):
-    return [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config",
-            os.path.join(ROOT, "configs", "digits.py"), f"--workdir={workdir}", *TINY_FLAGS, *extra]
+    return [sys.executable, "-m", "jaxdiff.scripts.train", "--config",
+            os.path.join(ROOT, "jaxdiff", "configs", "digits.py"), f"--workdir={workdir}", *TINY_FLAGS, *extra]
 
 
 def subprocess_env(num_devices: int):

@@ -232,7 +232,7 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
 
 
 def get_config(name: str):
-    """The config ``configs/NAME.py`` of the installed package (e.g. ``"digits"``), locked.
+    """The config ``jaxdiff/configs/NAME.py`` of the installed package (e.g. ``"digits"``), locked.
 
     Locked like ``--config`` on the command line: setting a field that does not exist
     (``config.train.num_step = 5``) raises instead of adding a new, silently unused field.
@@ -240,11 +240,11 @@ def get_config(name: str):
     import importlib
 
     try:
-        module = importlib.import_module(f"configs.{name}")
+        module = importlib.import_module(f"jaxdiff.configs.{name}")
     except ModuleNotFoundError as error:
-        if error.name not in ("configs", f"configs.{name}"):
+        if error.name != f"jaxdiff.configs.{name}":
             raise
-        import configs
+        from jaxdiff import configs
 
         known = sorted(n[:-3] for n in os.listdir(os.path.dirname(configs.__file__))
                        if n.endswith(".py") and not n.startswith("_"))

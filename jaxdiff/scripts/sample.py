@@ -1,6 +1,6 @@
 """Sample images from a trained workdir with its EMA parameters.
 
-    python scripts/sample.py --workdir workdir/digits --num_samples 100 --seed 0 --output samples.npz
+    jaxdiff-sample --workdir workdir/digits --num_samples 100 --seed 0 --output samples.npz
 
 ``--diffusers FOLDER`` samples a diffusers ``DDPMPipeline`` / ``DDIMPipeline`` folder instead
 (``unet/`` + ``scheduler/``; its scheduler's sampler by default, any jaxdiff sampler with
@@ -11,17 +11,14 @@ class-conditional model) and a PNG grid beside it (``samples.png``). The same se
 same output. ``--sampler``, ``--steps``, ``--eta`` and ``--guidance`` override the run's config;
 ``--option name=value`` (repeatable) sets any option of the sampler (``jaxdiff.samplers.registry``),
 e.g. ``--option s_churn=40 --option sigma_max=80`` for ``edm``. ``--ema sigma_rel=0.1`` samples the
-post-hoc EMA reconstruction written by ``scripts/posthoc_ema.py``.
+post-hoc EMA reconstruction written by ``jaxdiff-posthoc-ema``.
 Every flag and the output path are checked before sampling; an existing output (.npz or .png)
 is refused unless ``--overwrite`` is given.
 """
 
 import os
-import sys
 
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxdiff import cli
 from jaxdiff.samplers.registry import SAMPLERS
@@ -41,7 +38,7 @@ flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w (1 = the 
 flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output (and the .png beside it).")
 flags.DEFINE_multi_string("option", [], "A sampler option name=value (repeatable), e.g. s_churn=40.")
-flags.DEFINE_string("ema", None, "sigma_rel=S: use the post-hoc EMA reconstruction of S (scripts/posthoc_ema.py).")
+flags.DEFINE_string("ema", None, "sigma_rel=S: use the post-hoc EMA reconstruction of S (jaxdiff-posthoc-ema).")
 flags.register_multi_flags_validator(["workdir", "diffusers"], lambda f: bool(f["workdir"]) != bool(f["diffusers"]),
                                     message="give exactly one of --workdir and --diffusers")
 
@@ -68,5 +65,10 @@ def main(argv):
     print(f"wrote {path} and {os.path.splitext(path)[0]}.png")
 
 
-if __name__ == "__main__":
+def run():
+    """The console entry point."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -2,7 +2,7 @@
 
 Command (from the repository root)::
 
-    python scripts/train.py --config configs/digits.py --workdir workdir/digits
+    jaxdiff-train --config jaxdiff/configs/digits.py --workdir workdir/digits
 
 Expect on 2 CPU cores: 3,000 steps of batch 64 at about 500 images/s, about 8 minutes in
 all, a final loss near 0.075, and ``workdir/digits/samples/final.png``: a 10x10 grid whose
@@ -14,7 +14,7 @@ digits, where real digits score 5.6 (the floor); precision near 0.96, recall nea
 evaluation takes one to two minutes on 2 CPU cores (100,000 network calls).
 """
 
-from configs import default
+from jaxdiff.configs import default
 
 
 def get_config():

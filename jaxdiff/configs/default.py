@@ -1,7 +1,7 @@
 """Default config: every setting of a training run, with the values the other configs start from.
 
 Not meant to be trained as is (it is the digits setup with the DDPM paper's optimizer); use
-``configs/digits.py``, ``configs/mnist.py`` or ``configs/cifar10.py``.
+``jaxdiff/configs/digits.py``, ``jaxdiff/configs/mnist.py`` or ``jaxdiff/configs/cifar10.py``.
 """
 
 import ml_collections
@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Post-hoc EMA (EDM2 sec. 3): power-function EMAs of these relative widths are tracked in the
     # train state (len(sigma_rels) extra float32 copies of the params, in memory and in every
     # checkpoint) and saved every snapshot_every steps to workdir/posthoc_ema/ (one .safetensors
-    # of len(sigma_rels) x params per snapshot); scripts/posthoc_ema.py reconstructs any
+    # of len(sigma_rels) x params per snapshot); jaxdiff-posthoc-ema reconstructs any
     # sigma_rel from them afterwards. () = off.
     config.train.posthoc_ema = ml_collections.ConfigDict()
     config.train.posthoc_ema.sigma_rels = ()
@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Sample quality of the EMA model during and after training (jaxdiff.training.quality), logged as eval/*.
     config.eval = ml_collections.ConfigDict()
     config.eval.every = 0  # steps between evaluations; 0 = off
-    config.eval.num_samples = 1000  # samples per evaluation (published FIDs use 50,000: scripts/eval.py --fid)
+    config.eval.num_samples = 1000  # samples per evaluation (published FIDs use 50,000: jaxdiff-eval --fid)
     config.eval.final_samples = 0  # samples of one evaluation after the last step (WORKDIR/eval_final.json); 0 = none
     config.eval.sampler = ""  # "" = config.sample.sampler
     config.eval.steps = 0  # 0 = config.sample.num_steps

@@ -1,6 +1,6 @@
 """Train a diffusion model.
 
-    python scripts/train.py --config configs/digits.py --workdir workdir/digits
+    jaxdiff-train --config jaxdiff/configs/digits.py --workdir workdir/digits
 
 Re-running the same command resumes from the newest checkpoint in ``--workdir`` that restores
 completely (damaged ones are skipped with a warning), if the config agrees with the saved one
@@ -16,8 +16,6 @@ import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
 
 from jaxdiff import cli
 
@@ -52,5 +50,10 @@ def main(argv):
               f"samples in {os.path.join(workdir, 'samples')}")
 
 
-if __name__ == "__main__":
+def run():
+    """The console entry point."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,6 +1,6 @@
 """Report the likelihood of a trained workdir in bits/dim: the variational bound and the PF-ODE NLL.
 
-    python scripts/eval.py --workdir workdir/digits --num_examples 64 --ode_examples 8
+    jaxdiff-eval --workdir workdir/digits --num_examples 64 --ode_examples 8
 
 Prints a JSON line and writes it to ``WORKDIR/eval.json``. That the file can be written is checked
 before evaluating; a previous ``eval.json`` is kept as ``eval.YYYYmmdd-HHMMSS.json`` (its time).
@@ -10,9 +10,9 @@ FID (``digits_fd`` with the digits network), KID and precision/recall of ``--num
 samples of the EMA model per seed in ``--seeds``, with their min and mean (EDM's protocol:
 50,000 samples; report the seed). ``--nobpd`` skips the bits/dim. For example::
 
-    python scripts/eval.py --workdir workdir/cifar10 --fid --nobpd --inception pt_inception.safetensors \
+    jaxdiff-eval --workdir workdir/cifar10 --fid --nobpd --inception pt_inception.safetensors \
         --ref_stats cifar10_train.npz --num_samples 50000 --sampler ddim --steps 50 --seeds 0,1,2
-    python scripts/eval.py --workdir workdir/digits --fid --nobpd --num_samples 1000   # digits network, offline
+    jaxdiff-eval --workdir workdir/digits --fid --nobpd --num_samples 1000   # digits network, offline
 
 Smoke test of the Inception path without the real weights (the numbers mean nothing): write a
 random-weight Inception file with ``tests/fixtures/inception_weights.py``'s generator and BN
@@ -20,17 +20,13 @@ fixture (``write_random_inception`` in ``tests/test_quality.py`` does exactly th
 
     python -m jaxdiff.metrics.stats --dataset digits --features inception --inception random.safetensors \
         --out digits_random.npz
-    python scripts/eval.py --workdir workdir/digits --fid --nobpd --features inception \
+    jaxdiff-eval --workdir workdir/digits --fid --nobpd --features inception \
         --inception random.safetensors --ref_stats digits_random.npz --num_samples 100 --reference_images 200
 """
 
 import json
-import os
-import sys
 
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxdiff import cli
 
@@ -40,7 +36,7 @@ flags.DEFINE_integer("num_examples", 64, "Training examples for the variational 
 flags.DEFINE_integer("ode_examples", 8, "Examples for the probability-flow ODE NLL (0 to skip).")
 flags.DEFINE_integer("batch_size", 64, "Batch size of the bound's evaluation.")
 flags.DEFINE_integer("seed", 0, "Seed of the data order, noise and Hutchinson probes.")
-flags.DEFINE_string("ema", None, "sigma_rel=S: evaluate the post-hoc EMA reconstruction of S (scripts/posthoc_ema.py).")
+flags.DEFINE_string("ema", None, "sigma_rel=S: evaluate the post-hoc EMA reconstruction of S (jaxdiff-posthoc-ema).")
 flags.DEFINE_bool("bpd", True, "Report bits/dim (--nobpd: skip them).")
 flags.DEFINE_bool("fid", False, "Report sample quality: FID (or the digits FD), KID, precision/recall.")
 flags.DEFINE_enum("features", None, ["inception", "digits"], "Feature network (default: digits for 8x8x1 images).")
@@ -86,5 +82,10 @@ def main(argv):
     print(f"wrote {out}" + (f" (the previous result is now {backup})" if backup else ""))
 
 
-if __name__ == "__main__":
+def run():
+    """The console entry point."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

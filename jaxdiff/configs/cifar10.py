@@ -7,12 +7,12 @@ T=1000 linear betas 1e-4..0.02, the 35.7M-parameter UNet (ch 128, multipliers (1
 Prepare once, then train on a TPU VM / pod slice (every host runs the same command)::
 
     pip install -e '.[prepare]' && python -m jaxdiff.prepare cifar10
-    python scripts/train.py --config configs/cifar10.py --workdir gs://BUCKET/cifar10
+    jaxdiff-train --config jaxdiff/configs/cifar10.py --workdir gs://BUCKET/cifar10
 
 Expect FID near 3 (the paper: 3.17) after 800k steps; ~21 steps/s on a TPU v3-8 in the paper.
 """
 
-from configs import default
+from jaxdiff.configs import default
 
 
 def get_config():

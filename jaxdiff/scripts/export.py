@@ -1,6 +1,6 @@
 """Export a trained workdir as a diffusers pipeline folder (EMA parameters, the schedule as a scheduler).
 
-    python scripts/export.py --workdir workdir/digits --out exported/digits
+    jaxdiff-export --workdir workdir/digits --out exported/digits
 
 Writes ``OUT/unet/`` (``config.json`` + ``diffusion_pytorch_model.safetensors``, diffusers'
 tensor names), ``OUT/scheduler/scheduler_config.json`` and ``OUT/model_index.json``: a
@@ -11,11 +11,8 @@ exported to ``OUT/unet`` only); an existing non-empty ``OUT`` is never overwritt
 """
 
 import os
-import sys
 
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxdiff import cli
 
@@ -52,5 +49,10 @@ def main(argv):
     print(f"wrote {path} (step {wd.step}, EMA parameters)")
 
 
-if __name__ == "__main__":
+def run():
+    """The console entry point."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

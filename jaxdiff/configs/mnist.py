@@ -6,12 +6,12 @@ Prepare once (needs TensorFlow and a download)::
 
 Train::
 
-    python scripts/train.py --config configs/mnist.py --workdir workdir/mnist
+    jaxdiff-train --config jaxdiff/configs/mnist.py --workdir workdir/mnist
 
 Expect recognisable digits after ~20k steps (a few hours on one GPU; far longer on CPU).
 """
 
-from configs import default
+from jaxdiff.configs import default
 
 
 def get_config():

@@ -1,18 +1,14 @@
 """Reconstruct a post-hoc EMA (EDM2 sec. 3) of any width from a run's snapshots.
 
-    python scripts/posthoc_ema.py --workdir workdir/digits_edm --sigma_rel 0.08
+    jaxdiff-posthoc-ema --workdir workdir/digits_edm --sigma_rel 0.08
 
 Needs a run trained with ``config.train.posthoc_ema.sigma_rels`` set (its snapshots are in
 ``WORKDIR/posthoc_ema/``). Writes ``WORKDIR/posthoc_ema/ema_sigma_rel_0.08.safetensors``, which
-``scripts/sample.py --ema sigma_rel=0.08`` and ``scripts/eval.py --ema sigma_rel=0.08`` use.
+``jaxdiff-sample --ema sigma_rel=0.08`` and ``jaxdiff-eval --ema sigma_rel=0.08`` use.
 """
 
-import os
-import sys
 
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxdiff import cli
 
@@ -30,5 +26,10 @@ def main(argv):
     print(f"wrote {path}")
 
 
-if __name__ == "__main__":
+def run():
+    """The console entry point."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""The command-line programs (``python -m jaxdiff.scripts.NAME`` or the ``jaxdiff-NAME`` entry points)."""
