@@ -230,7 +230,8 @@ def test_a_failed_async_save_stops_the_run_at_the_next_step(tmp_path, monkeypatc
 def signalled_command(at: int, workdir, *extra):
     """The training command, with SIGTERM sent to the process by a step hook after step ``at``."""
     cmd = train_command(workdir, *extra)
-    return [sys.executable, os.path.join(os.path.dirname(__file__), "signal_at_step.py"), str(at), *cmd[2:]]
+    return [sys.executable, os.path.join(os.path.dirname(__file__), "signal_at_step.py"), str(at),
+            *cmd[cmd.index("--config"):]]
 
 
 @pytest.mark.slow

@@ -30,9 +30,9 @@ def main(argv):
 
     wd = load_workdir(FLAGS.workdir)
     run, config = wd.run, wd.config
-    if run.objective != "diffusion":
-        raise ValueError(f"--workdir {FLAGS.workdir} trained a {run.objective!r} model; diffusers pipelines "
-                         "hold DDPM-style diffusion models only")
+    if not run.objective.discrete:
+        raise ValueError(f"--workdir {FLAGS.workdir} trained an objective={run.objective.name!r} model; diffusers "
+                         "pipelines hold models of a discrete schedule (DDPM-style diffusion) only")
     size = run.image_shape[0]
     if run.num_classes is not None:
         path = to_diffusers(run.model, wd.ema_params, os.path.join(FLAGS.out, "unet"), sample_size=size)
