@@ -132,7 +132,7 @@ def _flag_error(argv: list[str], error: BaseException) -> str:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """``flags.FLAGS(argv)``; a flag that cannot be parsed prints one ``error:`` line and exits 1 (``--debug``: raises)."""
+    """``flags.FLAGS(argv)``; an unparsable flag prints one ``error:`` line and exits 1 (``--debug``: raises)."""
     try:
         rest = flags.FLAGS(argv)
         if "config" in flags.FLAGS and flags.FLAGS["config"].present:
