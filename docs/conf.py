@@ -50,6 +50,7 @@ napoleon_numpy_docstring = False
 # they are plain text. References to jaxdiff itself must all resolve.
 nitpick_ignore_regex = [
     ("py:class", r"(jax|jaxlib|jnp|np|numpy|flax|nn|nnx|optax|orbax|ml_collections|chex|tfds|os|typing|collections|PIL)\b.*"),
+    ("py:class", r"abc\.ABC"),  # the Objective interface's base class (no intersphinx)
     ("py:class", r"tuple\[.*"),
     ("py:class", r"Schedule"),  # a NamedTuple field annotation rendered without its module
     ("py:class", r"(Array|ArrayLike|PRNGKey|Callable|Sequence|Mapping|Iterator|Any|Module|dtype|NamedTuple)"),

@@ -1,4 +1,4 @@
-"""The model as the samplers see it: :class:`Denoiser`, its adapters, and one driver :func:`sample_with_info`.
+"""The model as the samplers see it: the ``Denoiser``, its adapters, and one driver ``sample_with_info``.
 
 An objective (:mod:`jaxdiff.objectives`) turns its network into a :class:`Denoiser`; the
 training job's sampling function calls :func:`sample_with_info` with it and never asks which

@@ -122,7 +122,7 @@ _bcast = bcast
 def t_from_log_snr(schedule: Schedule, lam) -> jax.Array:
     """Fractional timestep ``t`` in ``[0, T-1]`` whose interpolated log-SNR is ``lam`` (clamped to the table).
 
-    The exact inverse of :func:`alpha_sigma`, which interpolates the same table.
+    The exact inverse of :func:`jaxdiff.diffusion.alpha_sigma`, which interpolates the same table.
     """
     T = schedule.num_timesteps
     lam = jnp.asarray(lam, jnp.float32)

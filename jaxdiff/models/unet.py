@@ -107,7 +107,7 @@ class UNet(nn.Module):
 
     The details that DDPM fixes and other code bases vary (GroupNorm epsilon, timestep-embedding
     convention, downsampling padding, attention placement and heads, middle attention) are
-    :class:`Layout`; this UNet has DDPM's (:meth:`layout`). Imported diffusers checkpoints use
+    :class:`~jaxdiff.models.unet.Layout`; this UNet has DDPM's (:meth:`layout`). Imported diffusers checkpoints use
     :class:`~jaxdiff.models.diffusers_config.DiffusersUNet`, whose fields set them.
 
     ``conv_backward`` (one of :data:`jaxdiff.models.conv.CONV_BACKWARDS`) chooses how the

@@ -6,7 +6,7 @@ An objective (a frozen pytree dataclass; its settings are static fields) supplie
   a flow time or an EDM ``sigma``);
 * :meth:`Objective.loss`: the training loss of the network at given levels and noise;
 * :meth:`Objective.denoiser`: the network as the samplers see it, a
-  :class:`jaxdiff.den.Denoiser`;
+  :class:`jaxdiff.denoiser.Denoiser`;
 * :attr:`Objective.discrete`: whether it has a discrete schedule, which decides the samplers it
   serves (:meth:`Objective.sampler_names`, :meth:`Objective.check_sampler`).
 

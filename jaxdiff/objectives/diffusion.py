@@ -1,7 +1,7 @@
 """The DDPM family on a discrete schedule: epsilon / x0 / v targets, the weightings, learned variance.
 
 The loss is :func:`jaxdiff.losses.diffusion_loss` (``t ~ U{0..T-1}``); the network is called at
-the integer timestep ``t``; sampling sees it through :func:`jaxdiff.diffusion.eps_denoiser`, so
+the integer timestep ``t``; sampling sees it through :func:`jaxdiff.denoiser.eps_denoiser`, so
 every sampler serves it, those on the schedule's integer grid included.
 """
 

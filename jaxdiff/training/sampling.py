@@ -137,7 +137,7 @@ class Sampling:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """What a report names: ``sampler``, ``num_steps``, ``eta``, ``guidance_scale`` (and options)."""
+        """The settings a report names (``sampler``, ``num_steps``, ``eta``, ``guidance_scale``, the options)."""
         out = {"sampler": self.sampler, "num_steps": self.num_steps, "eta": self.eta,
                "guidance_scale": self.guidance_scale}
         return dict(out, options=dict(self.options)) if self.options else out
