@@ -204,7 +204,8 @@ def test_two_process_distributed_run_matches_one_process(tmp_path):
     _, ref = final_params(str(tmp_path / "one"))
     _, got = final_params(str(workdir))
     for a, b in zip(got, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # atol as in test_pmap_sharding_and_one_device_agree: near-zero params move ~1e-6 with the reduction order
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)
 
 
 def test_eval_reports_finite_bits_per_dim(trained_workdir):
