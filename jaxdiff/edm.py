@@ -24,15 +24,16 @@ changing ``n`` (up to 256) or the churn settings does not recompile.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import denoiser as den
+from jaxdiff.denoiser import denoiser_from_eps  # re-exported: the VP / VE columns of Table 1 for any jaxdiff model
 from jaxdiff.diffusion import bcast, karras_sigma, t_from_sigma
-from jaxdiff.samplers import common
+from jaxdiff.samplers import karras
 from jaxdiff.schedules import Schedule
 
 __all__ = [
@@ -152,28 +153,6 @@ def precondition(net_fn: Callable, *, sigma_data: float = 0.5, coefficients: Cal
     return fn
 
 
-def denoiser_from_eps(schedule: Schedule, model_fn: Callable, prediction: str = "epsilon",
-                      clip_x0: bool = False) -> Denoiser:
-    """``D(x, sigma) = x0_hat`` from a network of the library's own objectives on ``schedule``.
-
-    ``x`` ``[B, ...]`` is in EDM's coordinates ``x0 + sigma n``; the network ``model_fn(x_t, t)``
-    (of any ``prediction``) is called at the fractional timestep ``t = t_from_sigma(sigma)`` on
-    the VP input ``x / sqrt(1 + sigma^2)`` (mapped to the schedule's own coordinates for a VE
-    schedule) through :func:`jaxdiff.samplers.common.denoiser`. For ``prediction="epsilon"`` on a
-    VP schedule this is the VP column of Table 1: ``D = x - sigma eps(x / sqrt(1 + sigma^2), t)``.
-    A ``sigma`` outside the schedule's range ``[schedule.sigmas[0], schedule.sigmas[-1]]`` is
-    clamped to its end in ``t`` (the network never saw other noise levels).
-    """
-    den = common.denoiser(schedule, model_fn, prediction, clip_x0)
-
-    def fn(x, sigma):
-        sigma = jnp.asarray(sigma, jnp.float32)
-        x_vp = bcast(jax.lax.rsqrt(1.0 + sigma**2), x) * x
-        return den(x_vp, t_from_sigma(schedule, sigma))[0]
-
-    return fn
-
-
 # --------------------------------------------------------------------------- the loss (eq. 8)
 
 
@@ -268,47 +247,14 @@ def sample_nfe(num_steps):
 def sample_with_info(denoiser: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, s_churn=0.0, s_tmin=0.0,
                      s_tmax=float("inf"), s_noise=1.0, noise: jax.Array | None = None):
     """Like :func:`sample`, returning ``(x0, {"nfe", "num_steps"})`` (int32 scalars)."""
-    sigmas = jnp.asarray(sigmas, jnp.float32)
-    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise ValueError(f"sigmas must be a 1-D grid of at least 2 points, got shape {sigmas.shape}")
-    capacity = sigmas.shape[0] - 1
-    if noise is not None and noise.shape != (capacity,) + x.shape:
-        raise ValueError(f"noise must have shape [len(sigmas) - 1, *x.shape] = {(capacity,) + x.shape}, "
-                         f"got {noise.shape}")
     if key is None and noise is None and not (isinstance(s_churn, (int, float)) and s_churn == 0):
         raise ValueError(f"s_churn={s_churn!r} adds noise: pass `key` or `noise` (or s_churn=0.0)")
-    positive = sigmas[:capacity] > 0
-    # N: the index of the first zero (the grid ends there), or the whole grid.
-    n = jnp.where(jnp.all(positive), capacity, jnp.argmin(positive)).astype(jnp.int32)
-    gamma_max = jnp.minimum(s_churn / jnp.maximum(n, 1).astype(jnp.float32), math.sqrt(2.0) - 1.0)
-    b = x.shape[0]
+    return karras.heun_on_grid(_as_denoiser(denoiser), x, sigmas, key, s_churn=s_churn, s_tmin=s_tmin,
+                               s_tmax=s_tmax, s_noise=s_noise, noise=noise)
 
-    def deriv(x, sigma):  # dx/dsigma of the PF-ODE (eq. 4 with s = 1, sigma = t): (x - D) / sigma
-        return (x - denoiser(x, jnp.full((b,), sigma)).astype(jnp.float32)) / sigma
 
-    def body(i, x):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
-        sigma_hat = sigma * (1.0 + gamma)
-        if noise is not None:
-            z = noise[i]
-        elif key is not None:  # draw nothing where gamma = 0 (the predicate does not depend on the data)
-            z = jax.lax.cond(gamma > 0, lambda: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype),
-                             lambda: jnp.zeros_like(x))
-        else:
-            z = jnp.zeros_like(x)
-        x_hat = x + jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * s_noise * z
-        d = deriv(x_hat, sigma_hat)
-        x_euler = x_hat + (sigma_next - sigma_hat) * d
-
-        def correct(_):
-            return x_hat + (sigma_next - sigma_hat) * 0.5 * (d + deriv(x_euler, sigma_next))
-
-        return jax.lax.cond(sigma_next > 0, correct, lambda _: x_euler, None)
-
-    out = jax.lax.fori_loop(0, n, body, jnp.asarray(x, jnp.float32))
-    evals = n + jnp.sum(jnp.where(jnp.arange(capacity) < n, sigmas[1:] > 0, False))
-    return out, {"nfe": evals.astype(jnp.int32), "num_steps": n}
+def _as_denoiser(fn) -> den.Denoiser:
+    return fn if isinstance(fn, den.Denoiser) else den.Denoiser(fn=fn)
 
 
 def sample(denoiser: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, s_churn=0.0, s_tmin=0.0,
@@ -321,7 +267,8 @@ def sample(denoiser: Denoiser, x: jax.Array, sigmas: jax.Array, key=None, *, s_c
     ``x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d``, then, if ``sigma_{i+1} > 0``, the trapezoidal
     correction with ``d' = (x_{i+1} - D(x_{i+1}, sigma_{i+1})) / sigma_{i+1}``.
     ``s_churn = 0`` is Algorithm 1 (deterministic). NFE ``2N - 1`` when the grid ends in 0
-    (:func:`sample_with_info` reports it).
+    (:func:`sample_with_info` reports it). The chain is :func:`jaxdiff.samplers.karras.heun_on_grid`,
+    the library's one Heun.
 
     Args:
       denoiser: ``D(x [B, ...], sigma [B]) -> [B, ...]`` (:func:`precondition`, :func:`denoiser_from_eps`).

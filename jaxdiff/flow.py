@@ -7,18 +7,20 @@ Time convention: ``t in [0, 1]``, ``t = 0`` is data and ``t = 1`` is noise:
 The network ``model_fn(x_t [B, ...], t [B] float in [0, 1]) -> [B, ...]`` regresses the
 velocity ``v = eps - x0`` (:func:`flow_matching_loss`); its minimizer is
 ``E[eps - x0 | x_t]``, whose ODE ``dx/dt = v(x, t)`` carries ``N(0, I)`` at ``t = 1`` to the data at
-``t = 0``. Samplers integrate it backwards from ``t = 1`` to ``t = 0`` on ``n`` uniform steps.
+``t = 0``. That ODE is EDM's probability-flow ODE in other coordinates (``t = sigma / (1 + sigma)``,
+``x_t = x / (1 + sigma)``), so the velocity is sampled as a :class:`jaxdiff.denoiser.Denoiser`
+(:func:`jaxdiff.denoiser.velocity_denoiser`) by the one Euler / Heun of
+:mod:`jaxdiff.samplers.karras`, on the Karras grid from ``sigma = 80`` (``t = 0.988``) down.
 
 A :class:`jaxdiff.models.UNet` embeds its timestep sinusoidally with frequencies made for
 integers ``0..999``; give it ``t`` scaled to that range::
 
     model_fn = with_time_scale(lambda x, t: net.apply({"params": p}, x, t, train=False), 999.0)
 
-NFE: :func:`sample` with ``method="euler"`` uses ``n``; ``method="heun"`` uses ``2n`` (the
-velocity is finite at ``t = 0``, so the last step is corrected too, unlike the Karras Heun
-whose last step lands on ``sigma = 0``). Both run as one ``lax`` loop; ``n`` may be traced.
-A concrete ``n < 1`` raises ``ValueError``; a traced one gives NaN samples and NFE 0, the rule of
-every fixed-step sampler (:func:`jaxdiff.samplers.common.steps_result`).
+NFE: :func:`sample` with ``method="euler"`` uses ``n``, ``method="heun"`` ``2n - 1`` (the
+registry's counts: the last step lands on ``sigma = 0`` and is not corrected). Both run as one
+``lax`` loop; ``n`` may be traced. A concrete ``n < 1`` raises ``ValueError``; a traced one gives
+NaN samples and NFE 0, the rule of every fixed-step sampler (:func:`jaxdiff.samplers.common.steps_result`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import checks
+from jaxdiff.denoiser import velocity_denoiser
 from jaxdiff.diffusion import bcast
-from jaxdiff.samplers.common import check_num_steps, steps_result
+from jaxdiff.samplers import registry, sample_denoiser
 
 __all__ = ["METHODS", "interpolate", "velocity_target", "flow_matching_loss", "sample", "sample_with_info",
            "nfe", "with_time_scale"]
@@ -80,42 +83,29 @@ def flow_matching_loss(model_fn: Callable, x0: jax.Array, key: jax.Array, *, t: 
 
 
 def nfe(method: str, num_steps):
-    """Network evaluations of :func:`sample`: ``n`` (euler), ``2n`` (heun)."""
+    """Network evaluations of :func:`sample`: ``n`` (euler), ``2n - 1`` (heun)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return num_steps if method == "euler" else 2 * num_steps
+    return registry.nfe(method, num_steps)
 
 
-def sample_with_info(model_fn: Callable, key, shape, *, method: str = "euler", num_steps=50, x1=None):
+def sample_with_info(model_fn: Callable, key, shape, *, method: str = "euler", num_steps=50, x1=None, **options):
     """Integrates ``dx/dt = model_fn(x, t)`` from ``x1 ~ N(0, I)`` at ``t = 1`` to ``t = 0``.
 
-    Uniform steps ``t_i = 1 - i/n``. ``x1`` optionally replaces the noise draw. Returns
-    ``(x0 [B, ...], {"nfe": n or 2n})``.
+    ``method``: ``"euler"`` or ``"heun"`` (:mod:`jaxdiff.samplers.karras`, whose ``options``
+    such as ``sigma_max`` or ``rho`` are forwarded). ``x1`` optionally replaces the noise draw.
+    Returns ``(x0 [B, ...], {"nfe": n or 2n - 1})``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    num_steps = check_num_steps(num_steps)
     if x1 is None:
         checks.check_key(key)
-    x = jax.random.normal(key, shape, jnp.float32) if x1 is None else jnp.asarray(x1, jnp.float32)
-    if x.shape != tuple(shape):
-        raise ValueError(f"x1 has shape {x.shape} but shape is {tuple(shape)}")
-    b = shape[0]
-    dt = 1.0 / jnp.asarray(num_steps, jnp.float32)
-
-    def body(i, x):
-        t = 1.0 - i * dt
-        v = model_fn(x, jnp.full((b,), t))
-        x_next = x - dt * v
-        if method == "euler":
-            return x_next
-        v_next = model_fn(x_next, jnp.full((b,), t - dt))
-        return x - 0.5 * dt * (v + v_next)
-
-    x, count = steps_result(num_steps, jax.lax.fori_loop(0, num_steps, body, x), nfe(method, num_steps))
-    return x, {"nfe": jnp.asarray(count, jnp.int32)}
+    elif key is None:
+        key = jax.random.key(0)  # unused: euler and heun without churn draw nothing
+    return sample_denoiser(velocity_denoiser(model_fn), key, shape, sampler=method, num_steps=num_steps, x_T=x1,
+                           **options)
 
 
-def sample(model_fn: Callable, key, shape, *, method: str = "euler", num_steps=50, x1=None) -> jax.Array:
+def sample(model_fn: Callable, key, shape, *, method: str = "euler", num_steps=50, x1=None, **options) -> jax.Array:
     """Like :func:`sample_with_info`, returning the samples ``[B, ...]`` only."""
-    return sample_with_info(model_fn, key, shape, method=method, num_steps=num_steps, x1=x1)[0]
+    return sample_with_info(model_fn, key, shape, method=method, num_steps=num_steps, x1=x1, **options)[0]

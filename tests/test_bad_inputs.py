@@ -22,6 +22,7 @@ import pytest
 
 from jaxdiff import diffusion as d
 from jaxdiff import flow, guidance, likelihood, losses, objectives, samplers
+from jaxdiff.denoiser import Denoiser, eps_denoiser
 from jaxdiff.models import UNet
 from jaxdiff.samplers import registry
 from jaxdiff.schedules import linear_schedule
@@ -79,7 +80,7 @@ CASES = [
      ValueError, ["num_steps", "0"]),
     ("ddim_loop num_steps=jnp 0", lambda: samplers.ddim_loop(SCHED, eps_model, X, KEY, num_steps=jnp.int32(0)),
      ValueError, ["num_steps", "0"]),
-    ("heun num_steps=np -2", lambda: samplers.heun(SCHED, eps_model, X, num_steps=np.int64(-2)),
+    ("heun num_steps=np -2", lambda: samplers.heun(eps_denoiser(SCHED, eps_model), X, num_steps=np.int64(-2)),
      ValueError, ["num_steps", "-2"]),
     ("flow.sample num_steps=0", lambda: flow.sample(eps_model, KEY, X.shape, num_steps=0), ValueError, ["num_steps"]),
     # timesteps outside [0, T-1]
@@ -116,7 +117,8 @@ CASES = [
      ValueError, ["eta", "-1.0"]),
     ("sample ddim eta<0", lambda: samplers.sample(SCHED, eps_model, KEY, X.shape, sampler="ddim", eta=-0.1),
      ValueError, ["eta", "-0.1"]),
-    ("euler_ancestral eta<0", lambda: samplers.euler_ancestral(SCHED, eps_model, X, KEY, num_steps=2, eta=-2.0),
+    ("euler_ancestral eta<0", lambda: samplers.euler_ancestral(eps_denoiser(SCHED, eps_model), X, KEY, num_steps=2,
+                                                                        eta=-2.0),
      ValueError, ["eta", "-2.0"]),
     ("generate eta<0", lambda: _generate(NET.apply, [0, 1], eta=-1.0), ValueError, ["eta", "-1.0"]),
     ("loss_weight min_snr_gamma<0", lambda: losses.loss_weight(SCHED, T_OK, prediction="epsilon", weighting="min_snr",
@@ -173,10 +175,10 @@ def test_list_x0_is_converted():
 
 # --------------------------------------------------------------------------- traced values: the documented rules
 
-FIXED_STEP = [name for name, spec in registry.SAMPLERS.items() if not spec.adaptive and "diffusion" in spec.objectives]
+FIXED_STEP = [name for name, spec in registry.SAMPLERS.items() if not spec.adaptive]
 # NFE for n = 2 steps, from the registry's table (pc with its default M = 1 corrector step).
 NFE_AT_2 = {"ddpm": 2, "ddim": 2, "dpm_solver++": 2, "dpm++2m": 2, "euler": 2, "heun": 3, "euler_ancestral": 2,
-            "pc": 4}
+            "pc": 4, "edm": 3}
 
 
 def test_every_fixed_step_sampler_is_in_the_table():
@@ -195,10 +197,10 @@ def test_traced_num_steps_below_one_gives_nan_and_zero_nfe(name):
 
 
 def test_traced_num_steps_below_one_gives_nan_and_zero_nfe_for_edm():
-    """The EDM sampler (a denoiser, no schedule) follows the same rule; NFE 2n - 1 otherwise."""
+    """The EDM sampler on a denoiser without a schedule follows the same rule; NFE 2n - 1 otherwise."""
     run_edm = registry.SAMPLERS["edm"].run
-    denoiser = lambda x, sigma: x * (0.25 / (0.25 + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2))
-    run = jax.jit(lambda n: run_edm(None, denoiser, X, KEY, num_steps=n))
+    denoiser = Denoiser(lambda x, sigma: x * (0.25 / (0.25 + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2)))
+    run = jax.jit(lambda n: run_edm(denoiser, X, KEY, num_steps=n))
     for n in (0, -3):
         x, nfe = run(n)
         assert np.all(np.isnan(np.asarray(x))) and int(nfe) == 0
@@ -206,7 +208,7 @@ def test_traced_num_steps_below_one_gives_nan_and_zero_nfe_for_edm():
     assert np.all(np.isfinite(np.asarray(x))) and int(nfe) == 3
 
 
-@pytest.mark.parametrize("method, nfe_at_2", [("euler", 2), ("heun", 4)])
+@pytest.mark.parametrize("method, nfe_at_2", [("euler", 2), ("heun", 3)])
 def test_flow_traced_num_steps_below_one_gives_nan_and_zero_nfe(method, nfe_at_2):
     run = jax.jit(lambda n: flow.sample_with_info(eps_model, KEY, X.shape, method=method, num_steps=n))
     x, info = run(0)

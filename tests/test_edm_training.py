@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from jaxdiff import data, objectives
+from jaxdiff.denoiser import Denoiser
 from jaxdiff.samplers import registry
 from jaxdiff.training import loop, phema
 from jaxdiff.training.setup import validate_config
@@ -125,10 +126,11 @@ def test_validate_config_for_edm():
 def test_registry_knows_edm():
     spec = registry.get("edm")
     assert set(spec.options) == {"sigma_min", "sigma_max", "rho", "s_churn", "s_tmin", "s_tmax", "s_noise"}
-    assert spec.objectives == ("edm",) and registry.names("edm") == ("edm",)
+    assert not spec.discrete and "edm" in objectives.EDM().sampler_names()
+    assert set(objectives.EDM().sampler_names()) == {"euler", "heun", "euler_ancestral", "edm"}
     assert registry.default_num_steps("edm", 1000) == 18 and registry.nfe("edm", 18) == 35
     with pytest.raises(ValueError, match="does not take --eta"):
-        registry.check("edm", objective="edm", options={"eta": 0.0}, prefix="--")
+        objectives.EDM().check_sampler("edm", options={"eta": 0.0}, prefix="--")
     # The NFE rule is what the sampler does: count the denoiser's calls.
     calls = []
 
@@ -136,7 +138,7 @@ def test_registry_knows_edm():
         jax.debug.callback(lambda: calls.append(1))
         return x / (1.0 + sigma[:, None] ** 2)  # exact for x0 ~ N(0, I)
 
-    x, nfe = spec.run(None, denoiser, jnp.ones((3, 2)), jax.random.key(0), num_steps=5)
+    x, nfe = spec.run(Denoiser(denoiser), jnp.ones((3, 2)), jax.random.key(0), num_steps=5)
     jax.effects_barrier()
     assert int(nfe) == len(calls) == 9
 

@@ -1,4 +1,4 @@
-"""The sampler registry: the one place that knows each sampler's options, steps, NFE and objectives.
+"""The sampler registry: the one place that knows each sampler's options, steps, NFE and model contract.
 
 The expectations are written here from the samplers' papers and the library's documented
 conventions (not read from the registry), and checked against what the samplers actually do.
@@ -18,35 +18,38 @@ T = 40
 LIN = linear_schedule(T)
 MIX = default_mixture(2)
 
-# name -> (options it takes, default num_steps on a T=40 schedule, NFE for n=6, objectives)
+# name -> (options it takes, default num_steps on a T=40 schedule, NFE for n=6, needs a discrete schedule)
+CHURN = {"s_churn", "s_tmin", "s_tmax", "s_noise"}
+GRID = {"rho", "sigma_min", "sigma_max"}
 EXPECTED = {
-    "ddpm": ({"variance"}, T, 6, {"diffusion"}),
-    "ddim": ({"eta"}, min(50, T), 6, {"diffusion"}),
-    "dpm_solver++": ({"order", "spacing", "lower_order_final", "denoise_final", "sigma_max"}, 20, 6, {"diffusion"}),
-    "dpm++2m": ({"spacing", "lower_order_final", "denoise_final", "sigma_max"}, 20, 6, {"diffusion"}),
-    "euler": ({"rho", "sigma_max"}, 50, 6, {"diffusion", "flow_matching"}),
-    "heun": ({"rho", "sigma_max"}, 25, 11, {"diffusion", "flow_matching"}),
-    "euler_ancestral": ({"eta", "rho", "sigma_max"}, 50, 6, {"diffusion"}),
-    "pc": ({"num_corrector_steps", "snr", "variance"}, T, 12, {"diffusion"}),
-    "ode": ({"rtol", "atol", "solver", "max_steps"}, None, None, {"diffusion"}),
-    "edm": ({"sigma_min", "sigma_max", "rho", "s_churn", "s_tmin", "s_tmax", "s_noise"}, 18, 11, {"edm"}),
+    "ddpm": ({"variance"}, T, 6, True),
+    "ddim": ({"eta"}, min(50, T), 6, True),
+    "dpm_solver++": ({"order", "spacing", "lower_order_final", "denoise_final", "sigma_max"}, 20, 6, True),
+    "dpm++2m": ({"spacing", "lower_order_final", "denoise_final", "sigma_max"}, 20, 6, True),
+    "euler": (GRID, 50, 6, False),
+    "heun": (GRID | CHURN, 25, 11, False),
+    "euler_ancestral": ({"eta"} | GRID, 50, 6, False),
+    "pc": ({"num_corrector_steps", "snr", "variance"}, T, 12, True),
+    "ode": ({"rtol", "atol", "solver", "max_steps"}, None, None, True),
+    "edm": (GRID | CHURN, 18, 11, False),
 }
 
 
-def test_registry_lists_every_sampler_with_its_options_steps_and_objectives():
+def test_registry_lists_every_sampler_with_its_options_steps_and_contract():
     assert set(SAMPLERS) == set(EXPECTED)
-    for name, (options, steps, nfe6, objectives) in EXPECTED.items():
+    for name, (options, steps, nfe6, discrete) in EXPECTED.items():
         spec = SAMPLERS[name]
         assert set(spec.options) == options, name
         assert registry.default_num_steps(name, T) == steps, name
-        assert set(spec.objectives) == objectives, name
+        assert spec.discrete == discrete, name
         if nfe6 is None:
             assert spec.adaptive
             with pytest.raises(ValueError, match="adaptive"):
                 registry.nfe(name, 6)
         else:
             assert registry.nfe(name, 6) == nfe6, name
-    assert set(registry.names("flow_matching")) == {"euler", "heun"}
+    assert set(registry.names(discrete=False)) == {"euler", "heun", "euler_ancestral", "edm"}
+    assert set(registry.names()) == set(EXPECTED)
 
 
 @pytest.mark.parametrize("name", ["ddim", "heun", "pc", "dpm_solver++"])
@@ -68,14 +71,12 @@ def test_default_steps_and_nfe_are_what_the_sampler_runs(name):
 def test_check_names_the_argument_before_any_work():
     with pytest.raises(ValueError, match=r"--sampler must be one of .*'nope'"):
         registry.check("nope", prefix="--")
-    with pytest.raises(ValueError, match=r"does not sample flow_matching models; use one of \('euler', 'heun'\)"):
-        registry.check("ddim", objective="flow_matching")
+    with pytest.raises(ValueError, match=r"does not sample flow_matching models .*; use one of \('euler', 'heun', "):
+        registry.check("ddim", discrete=False, model="flow_matching")
     with pytest.raises(ValueError, match=r"does not take --eta"):
         registry.check("heun", options={"eta": 0.5}, prefix="--")
-    with pytest.raises(ValueError, match=r"does not sample diffusion models; use one of \('ddpm'"):
-        registry.check("edm")
-    with pytest.raises(ValueError, match=r"does not take --eta.*no options"):
-        registry.check("heun", objective="flow_matching", options={"eta": 0.0}, prefix="--")
+    with pytest.raises(ValueError, match=r"does not take --eta.*--rho"):
+        registry.check("heun", discrete=False, options={"eta": 0.0}, prefix="--")
     with pytest.raises(ValueError, match=r"num_steps must be in \[1, T=40\]"):
         registry.check("ddpm", num_steps=41, num_timesteps=T)
     registry.check("heun", num_steps=41, num_timesteps=T)  # the Karras grid is not bounded by T

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from jaxdiff.denoiser import eps_denoiser
 from jaxdiff.oracle import default_mixture
 from jaxdiff.samplers import SAMPLERS, nfe, sample, sample_with_info
-from jaxdiff.samplers.karras import karras_sigmas
+from jaxdiff.samplers.karras import grid_sigma
 from jaxdiff.schedules import cosine_schedule, linear_schedule, ve_schedule
 
 B = 3000
@@ -338,12 +339,15 @@ def test_ve_schedule_reproduces_mixture(name, n):
 
 
 def test_sigma_max_clips_the_karras_grid_to_the_schedule():
-    sig = lambda sch, **kw: float(karras_sigmas(sch, 10, 0, **kw))
-    assert sig(COS) == pytest.approx(float(COS.sigmas[-1])) and float(COS.sigmas[-1]) > 1e4
+    grid = lambda sch, i, **kw: float(grid_sigma(eps_denoiser(sch, lambda x, t: x), 10, i, **kw))
+    sig = lambda sch, **kw: grid(sch, 0, **kw)
+    assert sig(COS, sigma_max=None) == pytest.approx(float(COS.sigmas[-1])) and float(COS.sigmas[-1]) > 1e4
     assert sig(COS, sigma_max=80.0) == pytest.approx(80.0)
     assert sig(COS, sigma_max=1e9) == pytest.approx(float(COS.sigmas[-1]))
     assert sig(VE, sigma_max=80.0) == pytest.approx(1.0, rel=1e-5)  # sigma_T = 1 < 80: unchanged
-    assert float(karras_sigmas(COS, 10, 9, sigma_max=80.0)) == pytest.approx(float(COS.sigmas[0]))
+    assert grid(COS, 9, sigma_max=80.0) == pytest.approx(float(COS.sigmas[0]))
+    assert grid(COS, 9, sigma_min=1e-9) == pytest.approx(float(COS.sigmas[0]))  # the range's bottom, too
+    assert grid(COS, 10) == 0.0
 
 
 def test_sigma_max_80_saves_steps_on_the_cosine_schedule():

@@ -80,9 +80,9 @@ class Objective(abc.ABC):
 
     def sampler_names(self) -> tuple[str, ...]:
         """The registry's samplers that serve this objective's models."""
-        return registry.names(self.name)
+        return registry.names(discrete=self.discrete)
 
     def check_sampler(self, name: str, *, num_steps=None, options=None, prefix: str = "") -> registry.Sampler:
         """:func:`jaxdiff.samplers.registry.check` for this objective's models; returns the entry."""
-        return registry.check(name, objective=self.name, num_steps=num_steps, num_timesteps=self.num_timesteps,
-                              options=options, prefix=prefix)
+        return registry.check(name, discrete=self.discrete, model=self.name, num_steps=num_steps,
+                              num_timesteps=self.num_timesteps, options=options, prefix=prefix)

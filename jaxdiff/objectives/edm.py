@@ -2,8 +2,9 @@
 
 ``ln sigma ~ N(p_mean, p_std^2)``, the loss :func:`jaxdiff.edm.edm_loss` of
 ``D = jaxdiff.edm.precondition(F, sigma_data)`` with ``F`` fed ``t = jaxdiff.edm.unet_time(c_noise)``.
-Sampling uses the same ``D`` (:class:`jaxdiff.denoiser.Denoiser` over EDM's range
-``[0.002, 80]``): ``sigma_data`` reaches every sampler from here alone.
+Sampling uses the same ``D`` (:class:`jaxdiff.denoiser.Denoiser` with EDM's lowest level 0.002
+and no upper bound; the samplers' grids start at their ``sigma_max``, 80 by default):
+``sigma_data`` reaches every sampler from here alone.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from jaxdiff import denoiser as den
 from jaxdiff import edm as edm_lib
 from jaxdiff.objectives.base import Network, Objective, fail
 
-__all__ = ["EDM", "SIGMA_MIN", "SIGMA_MAX"]
+__all__ = ["EDM", "SIGMA_MIN"]
 
-SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # EDM's noise range (Table 1, its sampler's grid)
+SIGMA_MIN = 0.002  # EDM's lowest noise level (its sampler's grid)
 
 
 @flax.struct.dataclass
@@ -52,4 +53,4 @@ class EDM(Objective):
 
     def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:
         del clip_x0  # EDM's sampler never clipped its denoiser
-        return den.Denoiser(fn=self._precondition(net), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+        return den.Denoiser(fn=self._precondition(net), sigma_min=SIGMA_MIN)

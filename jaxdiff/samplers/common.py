@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxdiff import checks
 from jaxdiff import diffusion as d
+from jaxdiff.denoiser import prediction_fn as denoiser  # re-exported: (x0_hat, eps_hat) of a network
 from jaxdiff.diffusion import (  # re-exported: the process maths lives in jaxdiff.diffusion
     alpha_sigma_from_log_snr,
     bcast,
@@ -50,6 +51,7 @@ __all__ = [
     "t_from_sigma",
     "alpha_sigma_from_log_snr",
     "denoiser",
+    "clipped_sigma_max",
     "check_num_steps",
     "steps_result",
     "one_per_step",
@@ -86,25 +88,12 @@ def prior_sample(schedule: Schedule, key, shape) -> jax.Array:
     return d.from_vp(schedule, x, t)
 
 
-def denoiser(schedule: Schedule, model_fn: Callable, prediction: str = "epsilon", clip_x0: bool = False):
-    """``fn(x_vp [B, ...], t [B] float) -> (x0_hat, eps_hat)``: one network evaluation.
-
-    ``x_vp`` is in VP coordinates; the network is called in the schedule's coordinates
-    (``from_vp``) at the fractional time ``t``. With ``clip_x0`` the x0 estimate is clipped to
-    ``[-1, 1]`` and ``eps_hat`` recomputed from it (for image data).
-    """
-    d.check_prediction(prediction)
-
-    def fn(x_vp, t):
-        x_model = d.from_vp(schedule, x_vp, t)
-        out = model_fn(x_model, t)
-        x0, eps = d.x0_eps_from_prediction(schedule, out, x_model, t, prediction)
-        if clip_x0:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-            eps = d.eps_from_x0(schedule, x_model, t, x0)
-        return x0, eps
-
-    return fn
+def clipped_sigma_max(schedule: Schedule, sigma_max=None) -> jax.Array:
+    """``sigma_max`` clipped to ``[sigmas[0], sigmas[T-1]]`` (``None``: ``sigmas[T-1]``); may be traced."""
+    hi = schedule.sigmas[schedule.num_timesteps - 1]
+    if sigma_max is None:
+        return hi
+    return jnp.clip(jnp.asarray(sigma_max, jnp.float32), schedule.sigmas[0], hi)
 
 
 def check_num_steps(num_steps, name: str = "num_steps", upper: int | None = None):

@@ -37,12 +37,12 @@ from jaxdiff.samplers.common import (
     alpha_sigma_from_log_snr,
     bcast,
     check_num_steps,
+    clipped_sigma_max,
     denoiser,
     run_loop,
     steps_result,
     t_from_log_snr,
 )
-from jaxdiff.samplers.karras import clipped_sigma_max
 from jaxdiff.schedules import Schedule
 
 __all__ = ["dpm_solver_pp", "dpm_solver_nfe", "SPACINGS"]

@@ -7,7 +7,9 @@ recompile (the loops are ``while_loop``s with a dynamic trip count and each grid
 inside the loop from ``(i, n)``). ``jax.vmap`` over ``key`` draws independent chains.
 
 What each sampler accepts (its options, default steps and NFE) is in
-:mod:`jaxdiff.samplers.registry`; this module only draws the prior and forwards.
+:mod:`jaxdiff.samplers.registry`; this module only draws the prior and forwards:
+:func:`sample_denoiser` for any :class:`~jaxdiff.denoiser.Denoiser` (what the training job
+calls), :func:`sample` / :func:`sample_with_info` for a network on a discrete schedule.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import jax.numpy as jnp
 
 from jaxdiff import checks
 from jaxdiff import diffusion as d
+from jaxdiff.denoiser import Denoiser, eps_denoiser, mean_channels
 from jaxdiff.samplers import registry
 from jaxdiff.samplers.common import prior_sample
 from jaxdiff.schedules import Schedule
 
-__all__ = ["sample", "sample_with_info"]
+__all__ = ["sample", "sample_with_info", "sample_denoiser"]
 
 
 def sample_with_info(schedule: Schedule, model_fn: Callable, key, shape, *, sampler: str = "ddim",
@@ -37,11 +40,45 @@ def sample_with_info(schedule: Schedule, model_fn: Callable, key, shape, *, samp
     x = prior_sample(schedule, k_init, shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
     if x.shape != tuple(shape):
         raise ValueError(f"x_T has shape {x.shape} but shape is {tuple(shape)}")
+    n = None if spec.adaptive else (registry.default_num_steps(sampler, schedule.num_timesteps)
+                                    if num_steps is None else num_steps)
+    if not spec.discrete:
+        den = eps_denoiser(schedule, model_fn, prediction, clip_x0)
+        u = d.to_vp(schedule, x, jnp.full((shape[0],), schedule.num_timesteps - 1, jnp.int32))
+        x, count = spec.run(den, u, k_steps, num_steps=n, **options)
+        return x, {"nfe": jnp.asarray(count, jnp.int32)}
     kwargs = dict(prediction=prediction, clip_x0=clip_x0, **options)
-    if not spec.adaptive:
-        kwargs["num_steps"] = registry.default_num_steps(sampler, schedule.num_timesteps) \
-            if num_steps is None else num_steps
+    if n is not None:
+        kwargs["num_steps"] = n
     x, count = spec.run(schedule, model_fn, x, k_steps, **kwargs)
+    return x, {"nfe": jnp.asarray(count, jnp.int32)}
+
+
+def sample_denoiser(denoiser: Denoiser, key, shape, *, sampler: str, num_steps=None, x_T=None, **options):
+    """Draws ``shape`` samples of any :class:`~jaxdiff.denoiser.Denoiser`: ``(x0 [B, ...], {"nfe": int32})``.
+
+    ``sampler``: a registry name; the Karras-grid samplers run on every Denoiser, the others on
+    its discrete view (``denoiser.discrete``). ``num_steps`` ``None``: the sampler's default.
+    ``x_T``: optional unit-normal start ``[B, ...]`` (the prior draw in the schedule's coordinates
+    for a discrete sampler). The sampler's ``options`` are forwarded and checked.
+    """
+    spec = registry.check(sampler, discrete=denoiser.discrete, num_steps=num_steps, options=options,
+                          num_timesteps=denoiser.schedule.num_timesteps if denoiser.discrete else None)
+    if spec.discrete:
+        model_fn, options = denoiser.model_fn, dict(options)
+        if denoiser.learned_variance and spec.learned_variance:
+            options.setdefault("variance", "learned_range")
+        elif denoiser.learned_variance:
+            model_fn = mean_channels(model_fn)
+        return sample_with_info(denoiser.schedule, model_fn, key, shape, sampler=sampler, num_steps=num_steps,
+                                prediction=denoiser.prediction, clip_x0=denoiser.clip_x0, x_T=x_T, **options)
+    checks.check_key(key)
+    k_init, k_steps = jax.random.split(key)
+    u = jax.random.normal(k_init, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)
+    if u.shape != tuple(shape):
+        raise ValueError(f"x_T has shape {u.shape} but shape is {tuple(shape)}")
+    n = spec.steps_default if num_steps is None else num_steps
+    x, count = spec.run(denoiser, u, k_steps, num_steps=n, **options)
     return x, {"nfe": jnp.asarray(count, jnp.int32)}
 
 

@@ -1,55 +1,42 @@
-"""Euler, Heun and Euler-ancestral samplers on the Karras et al. (2022, "EDM") noise grid.
+"""Euler, Heun (with EDM's churn) and Euler-ancestral on the Karras et al. (2022, "EDM") sigma grid.
 
-They work in the VE view of the process, ``y = x / alpha = x0 + sigma eps`` with
-``sigma = sqrt((1 - abar)/abar)`` (``schedule.sigmas``), where the probability-flow ODE is
-``dy/dsigma = (y - D(y, sigma)) / sigma = eps_hat`` (EDM eq. 3 with ``s(t) = 1``, ``sigma(t) = t``).
-The denoiser ``D`` is the network called at the fractional timestep of ``sigma``
-(:func:`jaxdiff.samplers.common.t_from_sigma`).
+Written once against a :class:`jaxdiff.denoiser.Denoiser`, so they sample every model: a network
+on a discrete schedule (through its VP / VE column), a flow-matching velocity and an EDM
+denoiser alike. They work in VE coordinates ``x = x0 + sigma eps``, where the probability-flow ODE
+is ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM eq. 3 with ``s(t) = 1``, ``sigma(t) = t``).
 
-Grid (EDM eq. 5): ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho`` for
-``i = 0..n-1`` and ``sigma_n = 0``, with ``smin = sigmas[0]``, ``rho = 7`` and ``smax`` the option
-``sigma_max`` clipped to the schedule's range ``[sigmas[0], sigmas[T-1]]`` (``None``: ``sigmas[T-1]``).
-It is computed inside the loop from ``(i, n)``: ``n`` may be traced.
+Grid (EDM eq. 5, :func:`jaxdiff.diffusion.karras_sigma`): ``sigma_i = (smax^(1/rho) + i/(n-1)
+(smin^(1/rho) - smax^(1/rho)))^rho`` for ``i = 0..n-1`` and ``sigma_n = 0``. ``smin`` / ``smax`` are
+the options ``sigma_min`` / ``sigma_max`` clipped to the Denoiser's range (``None``: its ends), so a
+schedule model's grid stays within ``[sigmas[0], sigmas[T-1]]``. It is computed inside the loop
+from ``(i, n)``: ``n`` may be traced. :func:`heun_on_grid` takes an explicit grid instead
+(:func:`jaxdiff.edm.sample`).
 
-``sigma_max`` (default 80, EDM's choice for VP models): a VP schedule's terminal ``sigma`` is far
-above the data's scale (about 2e4 for the cosine schedule, whose ``beta`` is clipped at 0.999; 157
-for the linear one), and steps spent there barely change the sample. The chain starts at
-``smax`` from the prior draw ``x_T ~ N(0, I)`` (VP coordinates at ``t = T-1``) used as the VP state
-at ``t(smax)``: the marginal there is ``alpha x0 + sqrt(1 - alpha^2) eps`` with
-``alpha^2 = 1 / (1 + smax^2)``, i.e. ``N(0, I)`` up to the data's share ``var(x0) / (1 + smax^2)`` of
-the variance (``1.6e-4 var(x0)`` at ``smax = 80``). A schedule with ``sigmas[T-1] <= sigma_max``
-(e.g. a VE schedule ending below 80) is unchanged.
+Start: ``x = sqrt(prior_data_var + smax^2) z`` for the unit normal ``z = x_T``. ``sigma_max``
+defaults to 80, EDM's choice: a VP schedule's terminal ``sigma`` is far above the data's scale
+(about 2e4 for the cosine schedule, 157 for the linear one) and steps spent there barely change
+the sample; the start then neglects the data's share ``var(x0) / (1 + smax^2)`` of the variance
+(``1.6e-4 var(x0)`` at 80).
 
-NFE (network evaluations) for ``n = num_steps`` steps:
-
-* ``euler``: ``n``; ``euler_ancestral``: ``n``;
-* ``heun``: ``2n - 1`` -- every step adds a corrector evaluation at ``sigma_{i+1}`` except the
-  last one, which lands on ``sigma_n = 0`` and is a plain Euler step (EDM Algorithm 1).
-
-The step onto ``sigma = 0`` returns the denoiser's output ``D`` (``y - sigma eps_hat``).
+NFE for ``n = num_steps`` steps: ``euler`` and ``euler_ancestral`` ``n``; ``heun`` ``2n - 1``:
+every step adds a corrector evaluation at ``sigma_{i+1}`` except the last one, which lands on
+``sigma_n = 0`` and returns the denoiser's output (EDM Algorithms 1 and 2). ``heun`` with
+``s_churn > 0`` is EDM's Algorithm 2; the registry's ``edm`` is ``heun`` with EDM's 18 steps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxdiff import checks
-from jaxdiff import diffusion as d
-from jaxdiff.samplers.common import (
-    check_num_steps,
-    denoiser,
-    karras_sigma,
-    one_per_step,
-    run_loop,
-    steps_result,
-    t_from_sigma,
-)
-from jaxdiff.schedules import Schedule
+from jaxdiff.diffusion import karras_sigma
+from jaxdiff.samplers.common import check_num_steps, one_per_step, run_loop, steps_result
 
-__all__ = ["karras_sigmas", "clipped_sigma_max", "euler", "heun", "euler_ancestral", "euler_nfe", "heun_nfe"]
+__all__ = ["grid_sigma", "euler", "heun", "euler_ancestral", "heun_on_grid", "euler_nfe", "heun_nfe"]
 
 
 euler_nfe = one_per_step  # NFE of euler and euler_ancestral: n
@@ -60,86 +47,134 @@ def heun_nfe(num_steps):
     return 2 * num_steps - 1
 
 
-def clipped_sigma_max(schedule: Schedule, sigma_max=None) -> jax.Array:
-    """``sigma_max`` clipped to ``[sigmas[0], sigmas[T-1]]`` (``None``: ``sigmas[T-1]``); may be traced."""
-    hi = schedule.sigmas[schedule.num_timesteps - 1]
+def _range(denoiser, sigma_min, sigma_max):
+    """``(smin, smax)``: the options clipped to the Denoiser's range (``None``: its ends)."""
+    lo, hi = denoiser.sigma_min, denoiser.sigma_max
+    smin = lo if sigma_min is None else jnp.clip(jnp.asarray(sigma_min, jnp.float32), lo, hi)
     if sigma_max is None:
-        return hi
-    return jnp.clip(jnp.asarray(sigma_max, jnp.float32), schedule.sigmas[0], hi)
+        if isinstance(hi, (int, float)) and not math.isfinite(hi):
+            raise ValueError("sigma_max=None means the model's largest noise level, and this model knows every "
+                             "level: pass a finite sigma_max (EDM's is 80)")
+        smax = hi
+    else:
+        smax = jnp.clip(jnp.asarray(sigma_max, jnp.float32), lo, hi)
+    return smin, smax
 
 
-def karras_sigmas(schedule: Schedule, num_steps, i, rho=7.0, sigma_max=None) -> jax.Array:
-    """``sigma_i`` of the ``num_steps``-point Karras grid (``0`` for ``i >= num_steps``); scalar, traceable.
-
-    ``sigma_max``: the grid's first point, clipped to the schedule's range (``None``: ``sigmas[T-1]``).
-    """
-    return karras_sigma(i, num_steps, schedule.sigmas[0], clipped_sigma_max(schedule, sigma_max), rho)
+def grid_sigma(denoiser, num_steps, i, rho=7.0, sigma_min=None, sigma_max=80.0) -> jax.Array:
+    """``sigma_i`` of the ``num_steps``-point Karras grid on the Denoiser's range (0 for ``i >= n``); traceable."""
+    smin, smax = _range(denoiser, sigma_min, sigma_max)
+    return karras_sigma(i, num_steps, smin, smax, rho)
 
 
-def _step_sigmas(schedule: Schedule, num_steps, i, rho, sigma_max):
-    """``(sigma_i, sigma_{i+1})`` of step ``i`` on the Karras grid."""
-    return (karras_sigmas(schedule, num_steps, i, rho, sigma_max),
-            karras_sigmas(schedule, num_steps, i + 1, rho, sigma_max))
+def _start(denoiser, x_T, smax) -> jax.Array:
+    return jnp.sqrt(denoiser.prior_data_var + jnp.asarray(smax, jnp.float32) ** 2) * jnp.asarray(x_T, jnp.float32)
 
 
-def _setup(schedule: Schedule, model_fn: Callable, x_T, prediction: str, clip_x0: bool, sigma_max):
-    """Returns ``(y, eps_fn)``: the VE-view start at ``sigma_max`` and ``eps_fn(y, sigma) -> (x0_hat, eps_hat)``."""
-    denoise = denoiser(schedule, model_fn, prediction, clip_x0)
-    T = schedule.num_timesteps
-    b = x_T.shape[0]
-    t_last = jnp.full((b,), T - 1, jnp.int32)
-    # The prior's VP state, taken as the VP state at sigma_max (see the module docstring); y = x_vp / alpha.
-    y = d.to_vp(schedule, x_T, t_last) * jnp.sqrt(1.0 + clipped_sigma_max(schedule, sigma_max) ** 2)
-
-    def eps_fn(y, sigma):
-        alpha = jax.lax.rsqrt(1.0 + sigma**2)
-        return denoise(alpha * y, jnp.full((b,), t_from_sigma(schedule, sigma)))
-
-    return y, eps_fn
+def _deriv(denoiser, x, sigma):
+    """``(D(x, sigma), (x - D) / sigma)``: the denoised estimate and ``dx/dsigma``; one evaluation."""
+    den = denoiser.fn(x, jnp.full((x.shape[0],), sigma)).astype(jnp.float32)
+    return den, (x - den) / sigma
 
 
-def euler(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=50, rho=7.0, sigma_max=80.0,
-          prediction: str = "epsilon", clip_x0: bool = False):
-    """Euler on the Karras grid (deterministic). Returns ``(x0 [B, ...], nfe = n)``; default ``n = 50``."""
-    del key
-    num_steps = check_num_steps(num_steps)
-    y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0, sigma_max)
+def _chain(denoiser, x, sigma_at: Callable, num_steps, key, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+           s_noise=1.0, corrector: bool = True, noise=None):
+    """The one Euler / Heun body (EDM Algorithm 2) over ``sigma_at(i)``, ``i = 0..n``, ``sigma_n = 0``."""
+    gamma_max = jnp.minimum(s_churn / jnp.maximum(jnp.asarray(num_steps), 1).astype(jnp.float32),
+                            math.sqrt(2.0) - 1.0)
 
-    def body(i, y):
-        sigma, sigma_next = _step_sigmas(schedule, num_steps, i, rho, sigma_max)
-        x0, eps = eps_fn(y, sigma)
-        return jnp.where(sigma_next > 0, y + (sigma_next - sigma) * eps, x0)
-
-    return steps_result(num_steps, run_loop(body, y, num_steps), euler_nfe(num_steps))
-
-
-def heun(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_steps=25, rho=7.0, sigma_max=80.0,
-         prediction: str = "epsilon", clip_x0: bool = False):
-    """Heun's 2nd-order method on the Karras grid (EDM Algorithm 1 without churn).
-
-    Returns ``(x0 [B, ...], nfe = 2n - 1)``; default ``n = 25``.
-    """
-    del key
-    num_steps = check_num_steps(num_steps)
-    y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0, sigma_max)
-
-    def body(i, y):
-        sigma, sigma_next = _step_sigmas(schedule, num_steps, i, rho, sigma_max)
-        x0, eps = eps_fn(y, sigma)
-        y_euler = y + (sigma_next - sigma) * eps
+    def body(i, x):
+        sigma, sigma_next = sigma_at(i), sigma_at(i + 1)
+        gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
+        sigma_hat = sigma * (1.0 + gamma)
+        if noise is not None:
+            z = noise[i]
+        elif key is not None:  # draw nothing where gamma = 0 (the predicate does not depend on the data)
+            z = jax.lax.cond(gamma > 0, lambda: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype),
+                             lambda: jnp.zeros_like(x))
+        else:
+            z = jnp.zeros_like(x)
+        x_hat = x + jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * s_noise * z
+        den, d = _deriv(denoiser, x_hat, sigma_hat)
+        x_euler = x_hat + (sigma_next - sigma_hat) * d
+        if not corrector:
+            return jnp.where(sigma_next > 0, x_euler, den)
 
         def correct(_):
-            _, eps_next = eps_fn(y_euler, sigma_next)
-            return y + (sigma_next - sigma) * 0.5 * (eps + eps_next)
+            return x_hat + (sigma_next - sigma_hat) * 0.5 * (d + _deriv(denoiser, x_euler, sigma_next)[1])
 
         # The predicate does not depend on the data, so this stays a cond under vmap over keys.
-        return jax.lax.cond(sigma_next > 0, correct, lambda _: x0, None)
+        return jax.lax.cond(sigma_next > 0, correct, lambda _: den, None)
 
-    return steps_result(num_steps, run_loop(body, y, num_steps), heun_nfe(num_steps))
+    return run_loop(body, x, num_steps)
 
 
-def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_steps=50, eta=1.0, rho=7.0,
-                    sigma_max=80.0, prediction: str = "epsilon", clip_x0: bool = False):
+def _check_churn(key, s_churn):
+    if key is None and not (isinstance(s_churn, (int, float)) and s_churn == 0):
+        raise ValueError(f"s_churn={s_churn!r} adds noise: pass `key` (or s_churn=0.0)")
+    checks.check_nonnegative(s_churn, "s_churn")
+
+
+def euler(denoiser, x_T, key=None, *, num_steps=50, rho=7.0, sigma_min=None, sigma_max=80.0):
+    """Euler on the Karras grid (deterministic) from the unit normal ``x_T`` ``[B, ...]``.
+
+    Returns ``(x0 [B, ...], nfe = n)``; default ``n = 50``.
+    """
+    del key
+    num_steps = check_num_steps(num_steps)
+    smin, smax = _range(denoiser, sigma_min, sigma_max)
+    at = lambda i: karras_sigma(i, num_steps, smin, smax, rho)
+    x = _chain(denoiser, _start(denoiser, x_T, smax), at, num_steps, None, corrector=False)
+    return steps_result(num_steps, x, euler_nfe(num_steps))
+
+
+def heun(denoiser, x_T, key=None, *, num_steps=25, rho=7.0, sigma_min=None, sigma_max=80.0, s_churn=0.0,
+         s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Heun's 2nd-order method on the Karras grid: EDM Algorithm 1, and Algorithm 2 with ``s_churn > 0``.
+
+    Step ``i``: ``gamma_i = min(s_churn / n, sqrt(2) - 1)`` if ``s_tmin <= sigma_i <= s_tmax`` else 0;
+    ``sigma_hat = (1 + gamma_i) sigma_i``; ``x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) s_noise z_i``
+    (``z_i`` from ``fold_in(key, i)``); an Euler step to ``sigma_{i+1}`` and, if ``sigma_{i+1} > 0``,
+    the trapezoidal correction. The churn settings may be traced.
+    Returns ``(x0 [B, ...], nfe = 2n - 1)``; default ``n = 25``.
+    """
+    num_steps = check_num_steps(num_steps)
+    _check_churn(key, s_churn)
+    smin, smax = _range(denoiser, sigma_min, sigma_max)
+    at = lambda i: karras_sigma(i, num_steps, smin, smax, rho)
+    x = _chain(denoiser, _start(denoiser, x_T, smax), at, num_steps, key, s_churn=s_churn, s_tmin=s_tmin,
+               s_tmax=s_tmax, s_noise=s_noise)
+    return steps_result(num_steps, x, heun_nfe(num_steps))
+
+
+def heun_on_grid(denoiser, x, sigmas, key=None, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+                 noise=None):
+    """:func:`heun` from ``x`` at ``sigmas[0]`` over an explicit decreasing grid ``sigmas`` ``[M + 1]``.
+
+    The chain runs ``N`` steps, ``N`` the index of the grid's first zero (``M`` if none: it then
+    stops at ``sigmas[M] > 0`` with a corrected step), so one zero-padded grid serves every step
+    count. ``noise``: optional ``[M, B, ...]`` unit normals ``z_i`` instead of ``key``.
+    Returns ``(x_N, {"nfe", "num_steps"})`` (int32 scalars).
+    """
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of at least 2 points, got shape {sigmas.shape}")
+    capacity = sigmas.shape[0] - 1
+    x = jnp.asarray(x, jnp.float32)
+    if noise is not None and noise.shape != (capacity,) + x.shape:
+        raise ValueError(f"noise must have shape [len(sigmas) - 1, *x.shape] = {(capacity,) + x.shape}, "
+                         f"got {noise.shape}")
+    if noise is None:
+        _check_churn(key, s_churn)
+    positive = sigmas[:capacity] > 0
+    n = jnp.where(jnp.all(positive), capacity, jnp.argmin(positive)).astype(jnp.int32)
+    out = _chain(denoiser, x, lambda i: sigmas[i], n, key, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                 s_noise=s_noise, noise=noise)
+    evals = n + jnp.sum(jnp.where(jnp.arange(capacity) < n, sigmas[1:] > 0, False))
+    return out, {"nfe": evals.astype(jnp.int32), "num_steps": n}
+
+
+def euler_ancestral(denoiser, x_T, key, *, num_steps=50, eta=1.0, rho=7.0, sigma_min=None, sigma_max=80.0):
     """Euler ancestral on the Karras grid (k-diffusion's ``sample_euler_ancestral``).
 
     Each step goes down to ``sigma_down`` deterministically and adds noise ``sigma_up``:
@@ -149,16 +184,18 @@ def euler_ancestral(schedule: Schedule, model_fn: Callable, x_T, key, *, num_ste
     """
     num_steps = check_num_steps(num_steps)
     checks.check_nonnegative(eta, "eta")
-    y, eps_fn = _setup(schedule, model_fn, x_T, prediction, clip_x0, sigma_max)
+    smin, smax = _range(denoiser, sigma_min, sigma_max)
 
-    def body(i, y):
-        sigma, sigma_next = _step_sigmas(schedule, num_steps, i, rho, sigma_max)
-        x0, eps = eps_fn(y, sigma)
+    def body(i, x):
+        sigma = karras_sigma(i, num_steps, smin, smax, rho)
+        sigma_next = karras_sigma(i + 1, num_steps, smin, smax, rho)
+        den, d = _deriv(denoiser, x, sigma)
         var_up = sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
         sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(jnp.maximum(var_up, 0.0)))
         sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))
-        z = jax.random.normal(jax.random.fold_in(key, i), y.shape, y.dtype)
-        y_new = y + (sigma_down - sigma) * eps + sigma_up * z
-        return jnp.where(sigma_next > 0, y_new, x0)
+        z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return jnp.where(sigma_next > 0, x + (sigma_down - sigma) * d + sigma_up * z, den)
 
-    return steps_result(num_steps, run_loop(body, y, num_steps), euler_nfe(num_steps))
+    x = run_loop(body, _start(denoiser, x_T, smax), num_steps)
+    return steps_result(num_steps, x, euler_nfe(num_steps))
+

@@ -1,34 +1,43 @@
 """The registry of samplers: one entry per name, and the one place that knows what each accepts.
 
 Every layer that takes a sampler name asks this module: :func:`jaxdiff.samplers.sample` (which
-options to forward, the NFE), the training job's ``generate`` (which config settings apply),
-the config validation and ``scripts/sample.py`` (the names, the step bounds, the objectives).
+options to forward, the NFE), an objective's ``check_sampler`` (the training job's grids, FID and
+``jaxdiff-sample``: the names, the step bounds, the options).
 
 A sampler's *options* are the keyword-only parameters of its ``run`` function other than the
 common ones (``num_steps``, ``prediction``, ``clip_x0``); their defaults are the signature's
 defaults, read once here, so a sampler's options are written in exactly one place: its own
 signature. The same holds for the default number of steps (``None`` there means ``T``).
 
-====================  =====================  ===============  ===========  =================
-name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   objectives
-====================  =====================  ===============  ===========  =================
-``ddpm``              ``n``                  ``T``            yes          diffusion
-``ddim``              ``n``                  50               yes          diffusion
-``dpm_solver++``      ``n`` (+1 if           20               no           diffusion
+====================  =====================  ===============  ===========  ===========
+name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   runs on
+====================  =====================  ===============  ===========  ===========
+``ddpm``              ``n``                  ``T``            yes          discrete
+``ddim``              ``n``                  50               yes          discrete
+``dpm_solver++``      ``n`` (+1 if           20               no           discrete
                       ``denoise_final``)
-``dpm++2m``           as ``dpm_solver++``    20               no           diffusion
-``euler``             ``n``                  50               no           diffusion, flow
-``heun``              ``2n - 1``             25               no           diffusion, flow
-``euler_ancestral``   ``n``                  50               no           diffusion
-``pc``                ``n (M + 1)``          ``T``            yes          diffusion
-``ode``               adaptive, reported     (tolerances)     --           diffusion
-``edm``               ``2n - 1``             18               no           edm
-====================  =====================  ===============  ===========  =================
+``dpm++2m``           as ``dpm_solver++``    20               no           discrete
+``pc``                ``n (M + 1)``          ``T``            yes          discrete
+``ode``               adaptive, reported     (tolerances)     --           discrete
+``euler``             ``n``                  50               --           any
+``heun``              ``2n - 1``             25               --           any
+``euler_ancestral``   ``n``                  50               --           any
+``edm``               ``2n - 1``             18               --           any
+====================  =====================  ===============  ===========  ===========
 
-For ``flow_matching`` models, ``euler`` and ``heun`` integrate the learned velocity with
-:func:`jaxdiff.flow.sample` (NFE ``n`` and ``2n``); they take no options there.
-``edm`` (EDM Algorithm 2, :mod:`jaxdiff.samplers.edm_sampler`) samples ``objective="edm"`` models:
-its ``run`` takes the denoiser ``D(x, sigma)`` as ``model_fn`` and ignores ``schedule`` (``None``).
+Two kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
+
+* *any*: the Karras-grid samplers of :mod:`jaxdiff.samplers.karras` run on every Denoiser
+  (a schedule model, a flow-matching velocity, an EDM denoiser):
+  ``run(denoiser, x_T, key, *, num_steps, **options) -> (x0, nfe)`` with ``x_T`` a unit normal.
+  ``edm`` is ``heun`` with EDM's 18 steps (EDM Algorithm 2 with its churn options).
+* *discrete*: the samplers on a schedule's timesteps need the Denoiser's discrete view (a
+  network trained on a discrete schedule):
+  ``run(schedule, model_fn, x_T, key, *, [num_steps,] prediction, clip_x0, **options) -> (x0, nfe)``
+  with ``x_T`` the prior draw in the schedule's coordinates.
+
+The registry knows sampler names only; an objective says whether its models have the discrete
+view (:attr:`jaxdiff.objectives.Objective.discrete`) and :func:`names` / :func:`check` take that.
 
 ``n`` below 1: a concrete value raises ``ValueError`` (here and in every sampler); a traced one
 cannot be checked, and every fixed-step sampler then returns NaN samples and reports NFE 0
@@ -43,11 +52,10 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxdiff.samplers import ddim, ddpm, dpm_solver, edm_sampler, karras, ode, pc
+from jaxdiff.samplers import ddim, ddpm, dpm_solver, karras, ode, pc
 
-__all__ = ["Sampler", "SAMPLERS", "OBJECTIVES", "COMMON", "get", "names", "check", "default_num_steps", "nfe"]
+__all__ = ["Sampler", "SAMPLERS", "COMMON", "get", "names", "check", "default_num_steps", "nfe"]
 
-OBJECTIVES = ("diffusion", "flow_matching", "edm")
 COMMON = ("num_steps", "prediction", "clip_x0")  # passed by the driver to every sampler that takes them
 
 
@@ -55,14 +63,14 @@ COMMON = ("num_steps", "prediction", "clip_x0")  # passed by the driver to every
 class Sampler:
     """A registry entry.
 
-    ``run(schedule, model_fn, x_T, key, *, [num_steps,] prediction, clip_x0, **options) -> (x0, nfe)``
-    runs the chain; ``nfe_fn(num_steps, **options)`` counts its network evaluations (``None``
-    for adaptive samplers); ``summary`` is one line for ``--help`` and the docs;
+    ``run`` runs the chain (its two contracts are in the module docstring);
+    ``nfe_fn(num_steps, **options)`` counts its network evaluations (``None`` for adaptive samplers);
+    ``summary`` is one line for ``--help`` and the docs;
     ``steps_up_to_T``: ``num_steps`` may not exceed the schedule's ``T`` (samplers on the
     integer grid); ``stochastic``: draws noise at every step (some only for some option values,
     e.g. ``ddim`` with ``eta > 0``); ``learned_variance``: uses the model's learned-variance
-    channels (``variance="learned_range"``); ``objectives``: the training objectives whose
-    models it samples.
+    channels (``variance="learned_range"``); ``discrete``: needs the Denoiser's discrete view
+    (a model on a discrete schedule), else it runs on any Denoiser.
     """
 
     run: Callable
@@ -71,7 +79,7 @@ class Sampler:
     steps_up_to_T: bool = False
     stochastic: bool = False
     learned_variance: bool = False
-    objectives: tuple[str, ...] = ("diffusion",)
+    discrete: bool = True
 
     @functools.cached_property
     def _params(self) -> Mapping[str, inspect.Parameter]:
@@ -109,18 +117,17 @@ SAMPLERS: dict[str, Sampler] = {
                             "DPM-Solver++ multistep (orders 1-3; 2M by default): best at 10-20 NFE"),
     "dpm++2m": Sampler(functools.partial(dpm_solver.dpm_solver_pp, order=2), dpm_solver.dpm_solver_nfe,
                        "alias of dpm_solver++ with order=2"),
-    "euler": Sampler(karras.euler, karras.euler_nfe, "Euler on the Karras sigma grid",
-                     objectives=("diffusion", "flow_matching")),
-    "heun": Sampler(karras.heun, karras.heun_nfe, "Heun on the Karras grid (EDM Algorithm 1); NFE 2n - 1",
-                    objectives=("diffusion", "flow_matching")),
-    "euler_ancestral": Sampler(karras.euler_ancestral, karras.euler_nfe, "Euler ancestral on the Karras grid",
-                               stochastic=True),
     "pc": Sampler(pc.predictor_corrector, pc.pc_nfe, "predictor-corrector with a Langevin corrector (score SDE)",
                   steps_up_to_T=True, stochastic=True),
     "ode": Sampler(ode.probability_flow, None, "the probability-flow ODE, adaptive (Tsit5); NFE reported"),
-    "edm": Sampler(edm_sampler.edm_sampler, edm_sampler.edm_nfe,
-                   "EDM Algorithm 2 (Heun + churn) on EDM's sigma grid, for edm models; NFE 2n - 1",
-                   stochastic=True, objectives=("edm",)),
+    "euler": Sampler(karras.euler, karras.euler_nfe, "Euler on the Karras sigma grid", discrete=False),
+    "heun": Sampler(karras.heun, karras.heun_nfe, "Heun on the Karras grid (EDM Algorithms 1, 2); NFE 2n - 1",
+                    stochastic=True, discrete=False),
+    "euler_ancestral": Sampler(karras.euler_ancestral, karras.euler_nfe, "Euler ancestral on the Karras grid",
+                               stochastic=True, discrete=False),
+    "edm": Sampler(functools.partial(karras.heun, num_steps=18), karras.heun_nfe,
+                   "EDM Algorithm 2: heun (with churn) at EDM's 18 steps; NFE 2n - 1", stochastic=True,
+                   discrete=False),
 }
 
 
@@ -131,9 +138,9 @@ def get(name: str) -> Sampler:
     return SAMPLERS[name]
 
 
-def names(objective: str | None = None) -> tuple[str, ...]:
-    """The sampler names, or those that serve ``objective``."""
-    return tuple(k for k, s in SAMPLERS.items() if objective is None or objective in s.objectives)
+def names(discrete: bool = True) -> tuple[str, ...]:
+    """The sampler names that run on a model with (``discrete=True``: all) or without the discrete view."""
+    return tuple(k for k, s in SAMPLERS.items() if discrete or not s.discrete)
 
 
 def default_num_steps(name: str, num_timesteps: int) -> int | None:
@@ -146,36 +153,35 @@ def default_num_steps(name: str, num_timesteps: int) -> int | None:
     return min(spec.steps_default, num_timesteps) if spec.steps_up_to_T else spec.steps_default
 
 
-def check(name: str, *, objective: str = "diffusion", num_steps=None, num_timesteps: int | None = None,
-          options: Mapping[str, Any] | None = None, prefix: str = "") -> Sampler:
+def check(name: str, *, discrete: bool = True, model: str = "this", num_steps=None,
+          num_timesteps: int | None = None, options: Mapping[str, Any] | None = None, prefix: str = "") -> Sampler:
     """Checks a sampler request before any work is done; returns the entry.
 
-    Raises ``ValueError`` naming the argument (``prefix`` is prepended to argument names, e.g.
-    ``"--"`` for flags or ``"config.sample."`` for settings) if ``name`` is unknown or does not
-    serve ``objective``, if an option is not one the sampler takes, or if a Python-int
-    ``num_steps`` is below 1, above ``T`` for samplers on the integer grid, or given to an
-    adaptive sampler. Traced values pass unchecked.
+    ``discrete``: the model has the Denoiser's discrete view (a schedule); ``model`` names the
+    model's kind in messages (an objective's name). Raises ``ValueError`` naming the argument
+    (``prefix`` is prepended to argument names, e.g. ``"--"`` for flags or ``"config.sample."``
+    for settings) if ``name`` is unknown or needs a discrete view the model lacks, if an option
+    is not one the sampler takes, or if a Python-int ``num_steps`` is below 1, above ``T`` for
+    samplers on the integer grid, or given to an adaptive sampler. Traced values pass unchecked.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"{prefix}objective must be one of {OBJECTIVES}, got {objective!r}")
     if name not in SAMPLERS:
         raise ValueError(f"{prefix}sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
     spec = SAMPLERS[name]
-    if objective not in spec.objectives:
-        raise ValueError(f"{prefix}sampler {name!r} does not sample {objective} models; "
-                         f"use one of {names(objective)}")
-    allowed = tuple(spec.options) if objective != "flow_matching" else ()
+    if spec.discrete and not discrete:
+        raise ValueError(f"{prefix}sampler {name!r} does not sample {model} models (it runs on a discrete "
+                         f"schedule's timesteps); use one of {names(discrete)}")
+    allowed = tuple(spec.options)
     bad = sorted(k for k in (options or {}) if k not in allowed)
     if bad:
         raise ValueError(f"sampler {name!r} does not take {', '.join(prefix + k for k in bad)}; "
                          f"it takes {[prefix + k for k in allowed] or 'no options'}")
     if num_steps is not None:
-        if spec.adaptive and objective == "diffusion":
+        if spec.adaptive:
             raise ValueError(f"sampler {name!r} is adaptive and takes no {prefix}num_steps (set rtol/atol)")
         if isinstance(num_steps, bool) or (isinstance(num_steps, int) and num_steps < 1):
             raise ValueError(f"{prefix}num_steps must be an integer >= 1, got {num_steps!r}")
-        if (isinstance(num_steps, int) and spec.steps_up_to_T and objective == "diffusion"
-                and num_timesteps is not None and num_steps > num_timesteps):
+        if (isinstance(num_steps, int) and spec.steps_up_to_T and num_timesteps is not None
+                and num_steps > num_timesteps):
             raise ValueError(f"{prefix}num_steps must be in [1, T={num_timesteps}] for sampler {name!r}, "
                              f"got {num_steps}")
     return spec

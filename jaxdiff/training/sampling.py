@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import checks, denoiser, guidance
+from jaxdiff import checks, guidance, samplers
 from jaxdiff.objectives import Objective
 
 __all__ = ["generate", "network", "Sampling"]
@@ -84,8 +84,8 @@ def generate(objective: Objective, apply_fn: Callable, params, key, labels, imag
     if "eta" in spec.options:
         options.setdefault("eta", eta)
     shape = (labels.shape[0], *image_shape)
-    return denoiser.sample_with_info(objective.denoiser(net, clip_x0=clip_x0), key, shape, sampler=sampler,
-                                     num_steps=None if spec.adaptive else num_steps, **options)[0]
+    return samplers.sample_denoiser(objective.denoiser(net, clip_x0=clip_x0), key, shape, sampler=sampler,
+                                    num_steps=None if spec.adaptive else num_steps, **options)[0]
 
 
 def _check_conditioning(apply_fn: Callable, labels, num_classes: int | None, guidance_scale) -> None:
