@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable
 
@@ -108,32 +107,86 @@ def enable_compilation_cache(path: str | None) -> str | None:
     return path
 
 
+def _config_path(argv: list[str]) -> str | None:
+    """The ``--config`` file of ``argv`` (without a ``:argument`` suffix), or None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def _overrides(argv: list[str]) -> list[tuple[str, str | None]]:
+    """``[(dotted name after "config.", value or None), ...]`` of the ``--config.X.Y[=V]`` flags."""
+    out = []
+    for i, arg in enumerate(argv):
+        name, sep, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name.startswith("config.") and name != "config.":
+            if not sep and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                value = argv[i + 1]
+            out.append((name[len("config."):], value if (sep or value) else None))
+    return out
+
+
+def _load_config(path: str):
+    """``get_config()`` of the config file ``path`` (how ml_collections' config flag loads it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_jaxdiff_flag_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _missing_field(config, dotted: str) -> str | None:
+    """``"--config.A.B: no such field in config.A; did you mean C?"`` for the first missing part, else None."""
+    import difflib
+
+    node, path = config, "config"
+    for part in dotted.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else None
+        if keys is None:
+            return f"--config.{dotted}: {path} holds a {type(node).__name__} value, not a group of settings"
+        if part not in keys:
+            close = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+            hint = f"; did you mean {path}.{close[0]}?" if close else f" (its fields: {', '.join(sorted(keys))})"
+            return f"--config.{dotted}: no such field in {path}{hint}"
+        node, path = node[part], f"{path}.{part}"
+    return None
+
+
 def _flag_error(argv: list[str], error: BaseException) -> str:
-    """One line for a flag that cannot be parsed: a config field that does not exist, a bad value, a missing file."""
-    text = str(error).replace("\\'", "'").replace('\\"', '"').replace("\\n", "\n").strip("'")
-    key = re.search(r"'(\w+)'", text)
-    guess = re.search(r'Did you mean \\?"(\w+)\\?"', text)
-    if key and isinstance(error, (AttributeError, KeyError)):
-        for arg in argv[1:]:
-            name = arg.split("=", 1)[0].lstrip("-")
-            parts = name.split(".")
-            if name.startswith("config.") and key.group(1) in parts[1:]:
-                parent = ".".join(parts[:parts.index(key.group(1))])
-                hint = f"; did you mean {guess.group(1)}?" if guess else ""
-                return f"--{name}: no such field in {parent}{hint}"
-    if isinstance(error, flags.UnrecognizedFlagError) and "config." in text:
-        return f"--{text.split(chr(39))[1]}: no such field in the config"
-    if "No such file or directory" in text or isinstance(error, OSError):
-        missing = [arg.split("=", 1)[-1] for i, arg in enumerate(argv) if arg.startswith("--config=")]
-        missing += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-        if missing and not os.path.exists(missing[0]):
-            return f"--config: no such file {missing[0]!r}"
+    """One line for a flag that cannot be parsed: a missing config file, a config field that does not
+    exist (with the closest name), a bad value."""
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path):
+        return f"--config: no such file {path!r}"
+    overrides = _overrides(argv)
+    if path is not None and overrides:
+        try:
+            config = _load_config(path)
+        except Exception as load_error:  # the config file itself is broken: say so, in one line
+            return f"--config {path}: {type(load_error).__name__}: {load_error}".split("\n")[0]
+        for dotted, _ in overrides:
+            missing = _missing_field(config, dotted)
+            if missing:
+                return missing
+    raw = str(error).replace("\\'", "'").replace('\\"', '"').replace("\\n", "\n")
+    text = raw.strip("'")
+    for dotted, value in overrides:  # a value that does not parse as the field's type
+        if f"config.{dotted}" in text:
+            reason = raw.split(":", 1)[-1].strip().split("\n")[0]
+            return f"--config.{dotted}={value}: {reason}" if value is not None else f"--config.{dotted}: {reason}"
     return " ".join(text.split("\n")[0].split()) or type(error).__name__
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """``flags.FLAGS(argv)``; an unparsable flag prints one ``error:`` line and exits 1 (``--debug``: raises)."""
     try:
+        path = _config_path(argv)
+        if path is not None and "config" in flags.FLAGS and not os.path.isfile(path):
+            raise FileNotFoundError(f"--config: no such file {path!r}")
         rest = flags.FLAGS(argv)
         if "config" in flags.FLAGS and flags.FLAGS["config"].present:
             flags.FLAGS.config  # noqa: B018  (loads the file and applies the overrides now, before any work)

@@ -61,3 +61,25 @@ def test_uncreatable_cache_directory_is_a_one_line_error(tmp_path):
     proc = _run(tmp_path, f"--compilation_cache={blocker / 'sub'}")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --compilation_cache: cannot create")
+
+
+@pytest.mark.parametrize("flag, line", [
+    ("--config.train.num_step=5",
+     "error: --config.train.num_step: no such field in config.train; did you mean config.train.num_steps?"),
+    ("--config.trian.num_steps=5", "error: --config.trian.num_steps: no such field in config; did you mean config.train?"),
+    ("--config.train.num_steps=abc",
+     "error: --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc'"),
+    ("--config=missing.py", "error: --config: no such file 'missing.py'"),
+])
+def test_a_config_typo_is_one_line_naming_the_key_and_the_suggestion(tmp_path, flag, line):
+    """What a user types wrong on the training command line: one ``error:`` line, exit 1, nothing written."""
+    workdir = tmp_path / "wd"
+    args = [sys.executable, "-m", "jaxdiff.scripts.train", "--config", "jaxdiff/configs/digits.py",
+            "--workdir", str(workdir), flag]
+    if flag.startswith("--config="):
+        args = [a for a in args if a not in ("--config", "jaxdiff/configs/digits.py")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [line]
+    assert not workdir.exists()
