@@ -34,7 +34,7 @@ EDM_SIGMA_MIN = 0.002  # the grid's lowest point where a model knows every noise
 class Denoiser:
     """``fn(x [B, ...], sigma [B]) -> x0_hat [B, ...]`` and what a sampler needs besides.
 
-    Fields:
+    Attributes:
       fn: the denoiser ``D`` in VE coordinates.
       sigma_min, sigma_max: the noise range the model knows; every sampler's sigma grid is clipped
         to it (``sigma_max = inf``: any level; a sampler's ``sigma_max`` option then sets the top).
