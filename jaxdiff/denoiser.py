@@ -9,6 +9,8 @@ are in :mod:`jaxdiff.samplers` and never ask which objective made the Denoiser:
 * :func:`eps_denoiser`: a network of any ``prediction`` on a discrete :class:`~jaxdiff.schedules.Schedule`
   (EDM Table 1's VP / VE column, :func:`denoiser_from_eps`), with its discrete view;
 * :func:`velocity_denoiser`: a flow-matching velocity ``v(x_t, t)``;
+* :func:`average_velocity_denoiser`: a MeanFlow average velocity ``u(z, r, t)`` (its view for the
+  few-step sampler, and the instantaneous velocity ``u(z, t, t)`` as a flow);
 * ``Denoiser(fn=D, ...)`` itself: an EDM-preconditioned network (:func:`jaxdiff.edm.precondition`).
 
 :func:`prediction_fn` is the one conversion of a network's output to ``(x0_hat, eps_hat)`` on a schedule.
@@ -25,7 +27,8 @@ import jax.numpy as jnp
 from jaxdiff import diffusion as d
 from jaxdiff.schedules import Schedule
 
-__all__ = ["Denoiser", "eps_denoiser", "velocity_denoiser", "denoiser_from_eps", "prediction_fn", "mean_channels"]
+__all__ = ["Denoiser", "eps_denoiser", "velocity_denoiser", "average_velocity_denoiser", "denoiser_from_eps",
+           "prediction_fn", "mean_channels"]
 
 EDM_SIGMA_MIN = 0.002  # the grid's lowest point where a model knows every noise level (EDM's choice)
 
@@ -44,6 +47,8 @@ class Denoiser:
       schedule, model_fn, prediction, clip_x0, learned_variance: the discrete view of a network
         ``model_fn(x_t, t)`` trained on ``schedule`` (``None`` for other models); with
         ``learned_variance`` it outputs ``2C`` channels, the second half the variance.
+      average_velocity_fn: ``u(z [B, ...], r [B], t [B])`` of a MeanFlow model in the linear
+        interpolant's coordinates (``z_t = (1 - t) x0 + t eps``), or ``None``.
     """
 
     fn: Callable
@@ -55,11 +60,18 @@ class Denoiser:
     prediction: str = "epsilon"
     clip_x0: bool = False
     learned_variance: bool = False
+    average_velocity_fn: Callable | None = None
 
     @property
     def discrete(self) -> bool:
         """Whether it has the discrete view (the integer-grid samplers can run it)."""
         return self.schedule is not None
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """What it offers the samplers (:data:`jaxdiff.samplers.registry.VIEWS`)."""
+        return (("discrete",) if self.discrete else ()) + ("denoiser",) + (
+            ("average_velocity",) if self.average_velocity_fn is not None else ())
 
     def __call__(self, x, sigma):
         return self.fn(x, sigma)
@@ -148,3 +160,13 @@ def velocity_denoiser(velocity_fn: Callable) -> Denoiser:
         return x_t - d.bcast(t, x) * velocity_fn(x_t, t)
 
     return Denoiser(fn=fn)
+
+
+def average_velocity_denoiser(average_velocity_fn: Callable) -> Denoiser:
+    """The Denoiser of a MeanFlow average velocity ``u(z, r, t)`` (:mod:`jaxdiff.meanflow`).
+
+    ``u(z, t, t)`` is the instantaneous velocity, so ``fn`` is that of :func:`velocity_denoiser`
+    (every Karras-grid sampler runs it as a flow); the few-step sampler uses ``u`` itself.
+    """
+    flow = velocity_denoiser(lambda z, t: average_velocity_fn(z, t, t))
+    return dataclasses.replace(flow, average_velocity_fn=average_velocity_fn)

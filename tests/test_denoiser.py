@@ -20,6 +20,7 @@ OBJECTIVES = {
     "diffusion": objectives.Diffusion(schedule=schedules.linear_schedule(T)),
     "flow_matching": objectives.FlowMatching(),
     "edm": objectives.EDM(),
+    "meanflow": objectives.MeanFlow(),
 }
 CASES = [(o, s) for o, obj in OBJECTIVES.items() for s in obj.sampler_names()]
 
@@ -46,7 +47,8 @@ def test_the_registry_s_nfe_is_the_network_calls_for_every_objective(objective, 
 def test_objectives_without_a_schedule_are_offered_the_karras_samplers_only():
     karras = {"euler", "heun", "euler_ancestral", "edm"}
     assert set(OBJECTIVES["flow_matching"].sampler_names()) == set(OBJECTIVES["edm"].sampler_names()) == karras
-    assert set(OBJECTIVES["diffusion"].sampler_names()) == set(registry.SAMPLERS)
+    assert set(OBJECTIVES["meanflow"].sampler_names()) == karras | {"meanflow"}
+    assert set(OBJECTIVES["diffusion"].sampler_names()) == set(registry.SAMPLERS) - {"meanflow"}
     with pytest.raises(ValueError, match=r"config.sample.sampler 'ddim' does not sample flow_matching models"):
         OBJECTIVES["flow_matching"].check_sampler("ddim", prefix="config.sample.")
 

@@ -32,6 +32,7 @@ EXPECTED = {
     "pc": ({"num_corrector_steps", "snr", "variance"}, T, 12, True),
     "ode": ({"rtol", "atol", "solver", "max_steps"}, None, None, True),
     "edm": (GRID | CHURN, 18, 11, False),
+    "meanflow": (set(), 1, 6, False),
 }
 
 
@@ -48,7 +49,7 @@ def test_registry_lists_every_sampler_with_its_options_steps_and_contract():
                 registry.nfe(name, 6)
         else:
             assert registry.nfe(name, 6) == nfe6, name
-    assert set(registry.names(discrete=False)) == {"euler", "heun", "euler_ancestral", "edm"}
+    assert set(registry.names(("denoiser",))) == {"euler", "heun", "euler_ancestral", "edm"}
     assert set(registry.names()) == set(EXPECTED)
 
 
@@ -72,11 +73,11 @@ def test_check_names_the_argument_before_any_work():
     with pytest.raises(ValueError, match=r"--sampler must be one of .*'nope'"):
         registry.check("nope", prefix="--")
     with pytest.raises(ValueError, match=r"does not sample flow_matching models .*; use one of \('euler', 'heun', "):
-        registry.check("ddim", discrete=False, model="flow_matching")
+        registry.check("ddim", views=("denoiser",), model="flow_matching")
     with pytest.raises(ValueError, match=r"does not take --eta"):
         registry.check("heun", options={"eta": 0.5}, prefix="--")
     with pytest.raises(ValueError, match=r"does not take --eta.*--rho"):
-        registry.check("heun", discrete=False, options={"eta": 0.0}, prefix="--")
+        registry.check("heun", views=("denoiser",), options={"eta": 0.0}, prefix="--")
     with pytest.raises(ValueError, match=r"num_steps must be in \[1, T=40\]"):
         registry.check("ddpm", num_steps=41, num_timesteps=T)
     registry.check("heun", num_steps=41, num_timesteps=T)  # the Karras grid is not bounded by T

@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.diffusion = ml_collections.ConfigDict()
     # diffusion | flow_matching (rectified flow, jaxdiff.flow) | edm (Karras et al. 2022, jaxdiff.edm:
-    # the UNet preconditioned as a denoiser D(x, sigma); schedule, prediction, weighting unused)
+    # the UNet preconditioned as a denoiser D(x, sigma); schedule, prediction, weighting unused) |
+    # meanflow (Geng et al. 2025, jaxdiff.meanflow: average velocities, 1- or n-step sampling)
     config.diffusion.objective = "diffusion"
     config.diffusion.schedule = "linear"  # linear | cosine | sigmoid
     config.diffusion.num_timesteps = 1000
@@ -54,6 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.sigma_data = 0.5
     config.diffusion.p_mean = -1.2
     config.diffusion.p_std = 1.2
+    # objective="meanflow" only: the share of examples with r != t, the logit-normal time sampler
+    # (logit t ~ N(p_mean, p_std^2)) and the adaptive weight's power p (0: plain L2).
+    config.diffusion.meanflow = ml_collections.ConfigDict()
+    config.diffusion.meanflow.ratio = 0.25
+    config.diffusion.meanflow.p_mean = -0.4
+    config.diffusion.meanflow.p_std = 1.0
+    config.diffusion.meanflow.weight_p = 1.0
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 3000

@@ -114,6 +114,10 @@ class UNet(nn.Module):
     stride-1 convolutions are differentiated (values, and results, are the same): ``"xla"``
     (default) keeps XLA's, ``"taps"`` writes the weight gradient as matmuls over the kernel taps
     (:mod:`jaxdiff.models.conv`, faster on XLA:CPU; the training setup selects it there).
+
+    ``time_inputs=2`` takes ``t`` ``[B, 2]`` (MeanFlow's ``(t, t - r)``): each column gets its own
+    sinusoidal embedding and MLP, and the two are added (Geng et al. 2025); the parameters of the
+    second are ``temb2_dense0`` / ``temb2_dense1``. With 1 (default) ``t`` is ``[B]``.
     """
 
     ch: int = 128
@@ -130,6 +134,7 @@ class UNet(nn.Module):
     remat: bool = False
     norm_groups: int | None = None
     conv_backward: str = "xla"
+    time_inputs: int = 1
 
     def layout(self) -> Layout:
         """The layout details this network uses: DDPM's (subclasses for other checkpoints override it)."""
@@ -138,8 +143,10 @@ class UNet(nn.Module):
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
         if x.ndim != 4:
             raise ValueError(f"UNet: x must be [B, H, W, C], got shape {x.shape}")
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"UNet: t must have shape [B]=({x.shape[0]},), got shape {t.shape}")
+        want = (x.shape[0],) if self.time_inputs == 1 else (x.shape[0], self.time_inputs)
+        if t.shape != want:
+            raise ValueError(f"UNet: t must have shape {list(want)} (time_inputs={self.time_inputs}), "
+                             f"got shape {t.shape}")
         check_image_size(x.shape[1], self.ch_mult)
         check_image_size(x.shape[2], self.ch_mult)
         if y is not None:
@@ -155,7 +162,8 @@ class UNet(nn.Module):
         self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False,
         dropout_keys: jax.Array | None = None,
     ) -> jax.Array:
-        """Predict from ``x [B, H, W, C]``, ``t [B]`` (int or float), ``y [B]`` int labels, ``dropout_keys [B]``."""
+        """Predict from ``x [B, H, W, C]``, ``t [B]`` (int or float; ``[B, time_inputs]``), ``y [B]`` int labels,
+        ``dropout_keys [B]``."""
         x, t = jnp.asarray(x), jnp.asarray(t)
         y = None if y is None else jnp.asarray(y)
         self._check_inputs(x, t, y)
@@ -184,9 +192,15 @@ class UNet(nn.Module):
             return attn(h, name) if wanted else h
 
         # Time (and class) embedding: [B, 4 * ch].
-        temb = timestep_embedding(t, self.ch, flip_sin_to_cos=lay.flip_sin_to_cos, freq_shift=lay.freq_shift)
-        temb = nn.Dense(emb_dim, dtype=dt, name="temb_dense0")(temb)
-        temb = nn.Dense(emb_dim, dtype=dt, name="temb_dense1")(nn.silu(temb))
+        def time_mlp(t, prefix):
+            e = timestep_embedding(t, self.ch, flip_sin_to_cos=lay.flip_sin_to_cos, freq_shift=lay.freq_shift)
+            e = nn.Dense(emb_dim, dtype=dt, name=f"{prefix}_dense0")(e)
+            return nn.Dense(emb_dim, dtype=dt, name=f"{prefix}_dense1")(nn.silu(e))
+
+        if self.time_inputs == 1:
+            temb = time_mlp(t, "temb")
+        else:
+            temb = sum(time_mlp(t[:, i], "temb" if i == 0 else f"temb{i + 1}") for i in range(self.time_inputs))
         if self.num_classes is not None:
             if y is None:
                 y = jnp.full((x.shape[0],), self.num_classes, dtype=jnp.int32)

@@ -15,11 +15,12 @@ from jaxdiff.objectives.base import Network, Objective
 from jaxdiff.objectives.diffusion import Diffusion
 from jaxdiff.objectives.edm import EDM
 from jaxdiff.objectives.flow_matching import FlowMatching
+from jaxdiff.objectives.meanflow import MeanFlow
 
-__all__ = ["OBJECTIVES", "Objective", "Network", "Diffusion", "FlowMatching", "EDM", "from_config", "names"]
+__all__ = ["OBJECTIVES", "Objective", "Network", "Diffusion", "FlowMatching", "EDM", "MeanFlow", "from_config", "names"]
 
 #: Every objective by its config name.
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Diffusion, FlowMatching, EDM)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Diffusion, FlowMatching, EDM, MeanFlow)}
 
 
 def names() -> tuple[str, ...]:

@@ -7,12 +7,16 @@ An objective (a frozen pytree dataclass; its settings are static fields) supplie
 * :meth:`Objective.loss`: the training loss of the network at given levels and noise;
 * :meth:`Objective.denoiser`: the network as the samplers see it, a
   :class:`jaxdiff.denoiser.Denoiser`;
-* :attr:`Objective.discrete`: whether it has a discrete schedule, which decides the samplers it
-  serves (:meth:`Objective.sampler_names`, :meth:`Objective.check_sampler`).
+* :attr:`Objective.views`: the views its Denoiser offers (:data:`jaxdiff.samplers.registry.VIEWS`:
+  ``"discrete"`` for a model on a discrete schedule, ``"denoiser"`` for every model,
+  ``"average_velocity"`` for MeanFlow), which decide the samplers it serves
+  (:meth:`Objective.sampler_names`, :meth:`Objective.check_sampler`).
 
 The *network* an objective is given is ``net(x [B, H, W, C], time [B]) -> [B, H, W, C_out]``: a
 :class:`jaxdiff.models.UNet`'s ``apply`` with its parameters and labels bound, called with the
-time input the network was built for (the DDPM timestep scale ``0..T-1``). Each objective maps
+time input the network was built for (the DDPM timestep scale ``0..T-1``); ``time`` is
+``[B, time_inputs]`` for an objective with two time inputs (MeanFlow's ``(t, t - r)``), and the
+network is built for them (``UNet(time_inputs=...)``). Each objective maps
 its own noise level to that input, so the same UNet serves every objective.
 
 Objectives are built from ``config.diffusion`` by :func:`jaxdiff.objectives.from_config`, which
@@ -45,7 +49,8 @@ class Objective(abc.ABC):
     """The interface every objective implements (see the module docstring)."""
 
     name: ClassVar[str]  # its key in jaxdiff.objectives.OBJECTIVES and config.diffusion.objective
-    discrete: ClassVar[bool] = False  # trained on a discrete schedule (serves the integer-grid samplers)
+    views: ClassVar[tuple[str, ...]] = ("denoiser",)  # what its Denoiser offers the samplers
+    time_inputs: ClassVar[int] = 1  # the network's time inputs (time [B] or [B, time_inputs])
 
     @classmethod
     @abc.abstractmethod
@@ -80,9 +85,9 @@ class Objective(abc.ABC):
 
     def sampler_names(self) -> tuple[str, ...]:
         """The registry's samplers that serve this objective's models."""
-        return registry.names(discrete=self.discrete)
+        return registry.names(self.views)
 
     def check_sampler(self, name: str, *, num_steps=None, options=None, prefix: str = "") -> registry.Sampler:
         """:func:`jaxdiff.samplers.registry.check` for this objective's models; returns the entry."""
-        return registry.check(name, discrete=self.discrete, model=self.name, num_steps=num_steps,
+        return registry.check(name, views=self.views, model=self.name, num_steps=num_steps,
                               num_timesteps=self.num_timesteps, options=options, prefix=prefix)

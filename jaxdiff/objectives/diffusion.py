@@ -57,7 +57,7 @@ class Diffusion(Objective):
     """
 
     name: ClassVar[str] = "diffusion"
-    discrete: ClassVar[bool] = True
+    views: ClassVar[tuple[str, ...]] = ("discrete", "denoiser")
 
     schedule: schedules.Schedule
     prediction: str = flax.struct.field(pytree_node=False, default="epsilon")

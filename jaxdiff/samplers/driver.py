@@ -62,7 +62,7 @@ def sample_denoiser(denoiser: Denoiser, key, shape, *, sampler: str, num_steps=N
     ``x_T``: optional unit-normal start ``[B, ...]`` (the prior draw in the schedule's coordinates
     for a discrete sampler). The sampler's ``options`` are forwarded and checked.
     """
-    spec = registry.check(sampler, discrete=denoiser.discrete, num_steps=num_steps, options=options,
+    spec = registry.check(sampler, views=denoiser.views, num_steps=num_steps, options=options,
                           num_timesteps=denoiser.schedule.num_timesteps if denoiser.discrete else None)
     if spec.discrete:
         model_fn, options = denoiser.model_fn, dict(options)

@@ -9,9 +9,9 @@ common ones (``num_steps``, ``prediction``, ``clip_x0``); their defaults are the
 defaults, read once here, so a sampler's options are written in exactly one place: its own
 signature. The same holds for the default number of steps (``None`` there means ``T``).
 
-====================  =====================  ===============  ===========  ===========
-name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   runs on
-====================  =====================  ===============  ===========  ===========
+====================  =====================  ===============  ===========  ==================
+name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   needs
+====================  =====================  ===============  ===========  ==================
 ``ddpm``              ``n``                  ``T``            yes          discrete
 ``ddim``              ``n``                  50               yes          discrete
 ``dpm_solver++``      ``n`` (+1 if           20               no           discrete
@@ -19,15 +19,16 @@ name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   runs 
 ``dpm++2m``           as ``dpm_solver++``    20               no           discrete
 ``pc``                ``n (M + 1)``          ``T``            yes          discrete
 ``ode``               adaptive, reported     (tolerances)     --           discrete
-``euler``             ``n``                  50               --           any
-``heun``              ``2n - 1``             25               --           any
-``euler_ancestral``   ``n``                  50               --           any
-``edm``               ``2n - 1``             18               --           any
-====================  =====================  ===============  ===========  ===========
+``euler``             ``n``                  50               --           denoiser
+``heun``              ``2n - 1``             25               --           denoiser
+``euler_ancestral``   ``n``                  50               --           denoiser
+``edm``               ``2n - 1``             18               --           denoiser
+``meanflow``          ``n``                  1                --           average_velocity
+====================  =====================  ===============  ===========  ==================
 
-Two kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
+Three kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
 
-* *any*: the Karras-grid samplers of :mod:`jaxdiff.samplers.karras` run on every Denoiser
+* *denoiser*: the Karras-grid samplers of :mod:`jaxdiff.samplers.karras` run on every Denoiser
   (a schedule model, a flow-matching velocity, an EDM denoiser):
   ``run(denoiser, x_T, key, *, num_steps, **options) -> (x0, nfe)`` with ``x_T`` a unit normal.
   ``edm`` is ``heun`` with EDM's 18 steps (EDM Algorithm 2 with its churn options).
@@ -35,9 +36,12 @@ Two kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
   network trained on a discrete schedule):
   ``run(schedule, model_fn, x_T, key, *, [num_steps,] prediction, clip_x0, **options) -> (x0, nfe)``
   with ``x_T`` the prior draw in the schedule's coordinates.
+* *average_velocity*: the few-step samplers of an average-velocity model ``u(z, r, t)``
+  (MeanFlow, :mod:`jaxdiff.meanflow`): ``run(denoiser, x_T, key, *, num_steps) -> (x0, nfe)``.
 
-The registry knows sampler names only; an objective says whether its models have the discrete
-view (:attr:`jaxdiff.objectives.Objective.discrete`) and :func:`names` / :func:`check` take that.
+Each sampler *needs* one of the Denoiser's :data:`VIEWS`. The registry knows sampler names only;
+an objective says which views its models have (:attr:`jaxdiff.objectives.Objective.views`) and
+:func:`names` / :func:`check` take that.
 
 ``n`` below 1: a concrete value raises ``ValueError`` (here and in every sampler); a traced one
 cannot be checked, and every fixed-step sampler then returns NaN samples and reports NFE 0
@@ -52,10 +56,12 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxdiff.samplers import ddim, ddpm, dpm_solver, karras, ode, pc
+from jaxdiff.samplers import ddim, ddpm, dpm_solver, karras, meanflow, ode, pc
+from jaxdiff.samplers.common import one_per_step
 
-__all__ = ["Sampler", "SAMPLERS", "COMMON", "get", "names", "check", "default_num_steps", "nfe"]
+__all__ = ["Sampler", "SAMPLERS", "COMMON", "VIEWS", "get", "names", "check", "default_num_steps", "nfe"]
 
+VIEWS = ("discrete", "denoiser", "average_velocity")  # what a sampler needs of a Denoiser (module docstring)
 COMMON = ("num_steps", "prediction", "clip_x0")  # passed by the driver to every sampler that takes them
 
 
@@ -69,8 +75,8 @@ class Sampler:
     ``steps_up_to_T``: ``num_steps`` may not exceed the schedule's ``T`` (samplers on the
     integer grid); ``stochastic``: draws noise at every step (some only for some option values,
     e.g. ``ddim`` with ``eta > 0``); ``learned_variance``: uses the model's learned-variance
-    channels (``variance="learned_range"``); ``discrete``: needs the Denoiser's discrete view
-    (a model on a discrete schedule), else it runs on any Denoiser.
+    channels (``variance="learned_range"``); ``needs``: the view of the Denoiser it runs on
+    (one of :data:`VIEWS`).
     """
 
     run: Callable
@@ -79,7 +85,12 @@ class Sampler:
     steps_up_to_T: bool = False
     stochastic: bool = False
     learned_variance: bool = False
-    discrete: bool = True
+    needs: str = "discrete"
+
+    @property
+    def discrete(self) -> bool:
+        """Runs on a schedule's timesteps (needs the discrete view)."""
+        return self.needs == "discrete"
 
     @functools.cached_property
     def _params(self) -> Mapping[str, inspect.Parameter]:
@@ -120,14 +131,16 @@ SAMPLERS: dict[str, Sampler] = {
     "pc": Sampler(pc.predictor_corrector, pc.pc_nfe, "predictor-corrector with a Langevin corrector (score SDE)",
                   steps_up_to_T=True, stochastic=True),
     "ode": Sampler(ode.probability_flow, None, "the probability-flow ODE, adaptive (Tsit5); NFE reported"),
-    "euler": Sampler(karras.euler, karras.euler_nfe, "Euler on the Karras sigma grid", discrete=False),
+    "euler": Sampler(karras.euler, karras.euler_nfe, "Euler on the Karras sigma grid", needs="denoiser"),
     "heun": Sampler(karras.heun, karras.heun_nfe, "Heun on the Karras grid (EDM Algorithms 1, 2); NFE 2n - 1",
-                    stochastic=True, discrete=False),
+                    stochastic=True, needs="denoiser"),
     "euler_ancestral": Sampler(karras.euler_ancestral, karras.euler_nfe, "Euler ancestral on the Karras grid",
-                               stochastic=True, discrete=False),
+                               stochastic=True, needs="denoiser"),
     "edm": Sampler(functools.partial(karras.heun, num_steps=18), karras.heun_nfe,
                    "EDM Algorithm 2: heun (with churn) at EDM's 18 steps; NFE 2n - 1", stochastic=True,
-                   discrete=False),
+                   needs="denoiser"),
+    "meanflow": Sampler(meanflow.sample_steps, one_per_step, "MeanFlow: n jumps z_r = z_t - (t - r) u(z_t, r, t)",
+                        needs="average_velocity"),
 }
 
 
@@ -138,9 +151,9 @@ def get(name: str) -> Sampler:
     return SAMPLERS[name]
 
 
-def names(discrete: bool = True) -> tuple[str, ...]:
-    """The sampler names that run on a model with (``discrete=True``: all) or without the discrete view."""
-    return tuple(k for k, s in SAMPLERS.items() if discrete or not s.discrete)
+def names(views=None) -> tuple[str, ...]:
+    """The sampler names that run on a model with the Denoiser ``views`` (``None``: every sampler)."""
+    return tuple(k for k, s in SAMPLERS.items() if views is None or s.needs in views)
 
 
 def default_num_steps(name: str, num_timesteps: int) -> int | None:
@@ -153,23 +166,25 @@ def default_num_steps(name: str, num_timesteps: int) -> int | None:
     return min(spec.steps_default, num_timesteps) if spec.steps_up_to_T else spec.steps_default
 
 
-def check(name: str, *, discrete: bool = True, model: str = "this", num_steps=None,
+def check(name: str, *, views=None, model: str = "this", num_steps=None,
           num_timesteps: int | None = None, options: Mapping[str, Any] | None = None, prefix: str = "") -> Sampler:
     """Checks a sampler request before any work is done; returns the entry.
 
-    ``discrete``: the model has the Denoiser's discrete view (a schedule); ``model`` names the
-    model's kind in messages (an objective's name). Raises ``ValueError`` naming the argument
+    ``views``: the views of the model's Denoiser (:data:`VIEWS`; ``None``: all); ``model`` names
+    the model's kind in messages (an objective's name). Raises ``ValueError`` naming the argument
     (``prefix`` is prepended to argument names, e.g. ``"--"`` for flags or ``"config.sample."``
-    for settings) if ``name`` is unknown or needs a discrete view the model lacks, if an option
+    for settings) if ``name`` is unknown or needs a view the model lacks, if an option
     is not one the sampler takes, or if a Python-int ``num_steps`` is below 1, above ``T`` for
     samplers on the integer grid, or given to an adaptive sampler. Traced values pass unchecked.
     """
     if name not in SAMPLERS:
         raise ValueError(f"{prefix}sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
     spec = SAMPLERS[name]
-    if spec.discrete and not discrete:
-        raise ValueError(f"{prefix}sampler {name!r} does not sample {model} models (it runs on a discrete "
-                         f"schedule's timesteps); use one of {names(discrete)}")
+    if views is not None and spec.needs not in views:
+        why = {"discrete": "it runs on a discrete schedule's timesteps", "denoiser": "it needs a denoiser",
+               "average_velocity": "it needs an average-velocity model"}[spec.needs]
+        raise ValueError(f"{prefix}sampler {name!r} does not sample {model} models ({why}); "
+                         f"use one of {names(views)}")
     allowed = tuple(spec.options)
     bad = sorted(k for k in (options or {}) if k not in allowed)
     if bad:

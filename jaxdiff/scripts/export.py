@@ -30,7 +30,7 @@ def main(argv):
 
     wd = load_workdir(FLAGS.workdir)
     run, config = wd.run, wd.config
-    if not run.objective.discrete:
+    if "discrete" not in run.objective.views:
         raise ValueError(f"--workdir {FLAGS.workdir} trained an objective={run.objective.name!r} model; diffusers "
                          "pipelines hold models of a discrete schedule (DDPM-style diffusion) only")
     size = run.image_shape[0]

@@ -80,10 +80,10 @@ def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int 
                          f"{num_examples}, {batch_size}, {ode_examples}")
     wd = load_workdir(workdir, ema=ema)
     run, config, objective = wd.run, wd.config, wd.run.objective
-    if not objective.discrete:
+    if "discrete" not in objective.views:
         raise ValueError(f"{workdir} trained an objective={objective.name!r} model: the variational bound and the "
                          f"PF-ODE bits/dim here need an objective with a discrete schedule "
-                         f"(one of {[n for n, o in objectives.OBJECTIVES.items() if o.discrete]})")
+                         f"(one of {[n for n, o in objectives.OBJECTIVES.items() if 'discrete' in o.views]})")
     schedule, prediction, learned = objective.schedule, objective.prediction, objective.learned_variance
     images = data.get_batch(run.source, 0, global_batch_size=num_examples, seed=seed,
                             image_size=config.data.image_size or None)["image"]

@@ -13,7 +13,9 @@ with the checkpoint is compared with the current one before the first step:
   listing each difference as ``field: saved -> current``.
 
 A model field left unset (``None``: the preset's value) and the same value set explicitly count
-as equal. Each start appends one line ``{"step", "time", "changes", "config"}`` to
+as equal, and so do a field that a workdir written by an older version lacks and the library's
+default value of it (:func:`jaxdiff.configs.default.get_config`).
+Each start appends one line ``{"step", "time", "changes", "config"}`` to
 ``workdir/config_history.jsonl`` (:func:`record_start`).
 """
 
@@ -24,6 +26,7 @@ import os
 import time
 from typing import Any
 
+from jaxdiff.configs import default as default_config
 from jaxdiff.models import PRESETS, UNet
 
 __all__ = ["CHANGEABLE_ON_RESUME", "HISTORY_FILE", "check_writable", "config_changes", "check_resume",
@@ -87,6 +90,11 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """
     a = _effective(_flatten(json.loads(json.dumps(saved))))
     b = _effective(_flatten(json.loads(json.dumps(current))))
+    defaults = _flatten(json.loads(json.dumps(default_config.get_config().to_dict())))
+    for flat, other in ((a, b), (b, a)):  # a field added since one side was written, at its default
+        for k in set(other) - set(flat):
+            if k in defaults and other[k] == defaults[k]:
+                flat[k] = defaults[k]
     return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
             if a.get(k, "<absent>") != b.get(k, "<absent>")}
 

@@ -179,10 +179,11 @@ def make_schedule(diffusion_config) -> schedules.Schedule:
     return schedule_from_config(diffusion_config)
 
 
-def make_model(model_config, *, num_classes: int | None, learned_variance: bool) -> UNet:
+def make_model(model_config, *, num_classes: int | None, learned_variance: bool, time_inputs: int = 1) -> UNet:
     """The UNet of ``config.model``: the preset ``model.preset`` with the fields that are set overriding it.
 
-    ``num_classes`` is used only if ``model.class_conditional``.
+    ``num_classes`` is used only if ``model.class_conditional``; ``learned_variance`` and
+    ``time_inputs`` are the objective's (:class:`jaxdiff.objectives.Objective`).
     """
     overrides = {k: model_config.get(k) for k in MODEL_OVERRIDES if model_config.get(k) is not None}
     for k in ("ch_mult", "attn_resolutions"):
@@ -199,6 +200,7 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool)
         learn_sigma=learned_variance,
         dtype=jnp.dtype(model_config.dtype),
         remat=model_config.remat,
+        time_inputs=time_inputs,
     )
 
 
@@ -220,7 +222,8 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     if config.model.class_conditional and info.num_classes is None:
         _fail("model.class_conditional", True, f"dataset {info.name!r} has no labels")
     num_classes = info.num_classes if config.model.class_conditional else None
-    model = make_model(config.model, num_classes=num_classes, learned_variance=objective.learned_variance)
+    model = make_model(config.model, num_classes=num_classes, learned_variance=objective.learned_variance,
+                       time_inputs=objective.time_inputs)
     try:
         check_image_size(image_shape[0], model.ch_mult)
     except ValueError as error:

@@ -59,7 +59,8 @@ def create_train_state(key: jax.Array, model, tx: optax.GradientTransformation, 
     ``ema_decay``, ``label_dropout``: see :class:`TrainState`.
     """
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
+    k = getattr(model, "time_inputs", 1)
+    t = jnp.zeros((1,), jnp.int32) if k == 1 else jnp.zeros((1, k), jnp.float32)
     y = None if num_classes is None else jnp.zeros((1,), jnp.int32)
     params = model.init({"params": key}, x, t, y, train=False)["params"]
     phema = posthoc_ema.init(params, posthoc_sigma_rels) if len(posthoc_sigma_rels) else None

@@ -1,0 +1,163 @@
+"""MeanFlow (jaxdiff.meanflow, objectives.MeanFlow, the meanflow sampler) against exact maps.
+
+Reference: Gaussian data ``x0 ~ N(m, s^2)`` per coordinate. The linear interpolant's marginals are
+``N(mu_t, sigma_t^2)`` with ``mu_t = (1 - t) m``, ``sigma_t^2 = (1 - t)^2 s^2 + t^2``, and its
+probability-flow map is the affine ``Phi_{t->r}(z) = mu_r + sigma_r / sigma_t (z - mu_t)``, so the
+exact average velocity ``u*(z, r, t) = (z - Phi_{t->r}(z)) / (t - r)`` and the marginal velocity
+``v*(z, t)`` are closed-form (float64 NumPy below, float32 JAX for the models).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from jaxdiff import meanflow, objectives, samplers
+from jaxdiff.training.setup import make_model
+
+M = np.array([0.5, -1.0])
+S = np.array([0.6, 1.5])
+
+
+def _stats(t, xp):
+    m, s = xp.asarray(M)[None, :], xp.asarray(S)[None, :]
+    mu = (1 - t)[:, None] * m
+    sig = xp.sqrt((1 - t)[:, None] ** 2 * s**2 + t[:, None] ** 2)
+    return mu, sig
+
+
+def u_exact(z, r, t, xp=np):
+    """``u*(z, r, t)``; ``v*(z, t)`` where ``r = t``."""
+    mu_t, sig_t = _stats(t, xp)
+    mu_r, sig_r = _stats(r, xp)
+    dsig = (-(1 - t)[:, None] * xp.asarray(S)[None, :] ** 2 + t[:, None]) / sig_t
+    v = -xp.asarray(M)[None, :] + dsig / sig_t * (z - mu_t)
+    gap = (t - r)[:, None]
+    safe = xp.where(gap > 1e-4, gap, 1.0)
+    u = (z - (mu_r + sig_r / sig_t * (z - mu_t))) / safe
+    return xp.where(gap > 1e-4, u, v)
+
+
+def u_jax(z, r, t):
+    return u_exact(z.astype(jnp.float32), r, t, xp=jnp).astype(jnp.float32)
+
+
+def test_the_jvp_target_of_the_exact_average_velocity_is_itself():
+    """The MeanFlow identity u = v - (t - r) du/dt, with the marginal velocity and one jvp."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    n = 512
+    a, b = jax.random.uniform(k1, (2, n), minval=0.02, maxval=0.98)
+    r, t = jnp.minimum(a, b), jnp.maximum(a, b) + 0.01
+    z = jax.random.normal(k2, (n, 2)) * 1.3
+    v = u_jax(z, t, t)
+    u, target = meanflow.meanflow_target(u_jax, z, r, t, v)
+    want = u_exact(np.asarray(z, np.float64), np.asarray(r, np.float64), np.asarray(t, np.float64))
+    np.testing.assert_allclose(np.asarray(u), want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(target), want, rtol=2e-3, atol=2e-3)
+    # the total derivative matters: the partial in t alone (tangent (0, 0, 1)) misses it
+    _, wrong = meanflow.meanflow_target(u_jax, z, r, t, jnp.zeros_like(v))
+    assert np.max(np.abs(np.asarray(wrong) - want)) > 0.05
+
+
+def _exact_net(z, time):
+    t, gap = time[:, 0] / 999.0, time[:, 1] / 999.0
+    return u_jax(z, t - gap, t)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_one_and_two_steps_of_the_exact_model_reproduce_the_data_law(num_steps):
+    den = objectives.MeanFlow().denoiser(_exact_net)
+    x, info = samplers.sample_denoiser(den, jax.random.key(1), (4000, 2), sampler="meanflow", num_steps=num_steps)
+    assert int(info["nfe"]) == num_steps
+    x = np.asarray(x, np.float64)
+    for d in range(2):
+        assert scipy.stats.kstest(x[:, d], "norm", args=(M[d], S[d])).pvalue > 1e-3
+    # the same model through its instantaneous velocity u(z, t, t) is a flow: Heun samples it too
+    y, _ = samplers.sample_denoiser(den, jax.random.key(1), (4000, 2), sampler="heun", num_steps=32)
+    assert scipy.stats.kstest(np.asarray(y)[:, 1], "norm", args=(M[1], S[1])).pvalue > 1e-3
+
+
+def _per_example_grads(theta, n=20000, p=0.0):
+    """d/dtheta of each example's loss for u = u* + theta z (the objective's (r, t) and noise draws)."""
+    obj = objectives.MeanFlow(ratio=1.0, weight_p=p)
+    keys = jax.random.split(jax.random.key(3), n)
+    level = jax.vmap(obj.noise_level)(keys)
+    x0 = jnp.asarray(M[None] + S[None] * np.asarray(jax.random.normal(jax.random.key(4), (n, 2))), jnp.float32)
+    noise = jax.random.normal(jax.random.key(5), (n, 2))
+
+    def one(th, x, lv, e):
+        net = lambda z, time: _exact_net(z, time) + th * z
+        return obj.loss(net, x[None], None, level=lv[None], noise=e[None])[0]
+
+    return np.asarray(jax.vmap(jax.grad(one), in_axes=(None, 0, 0, 0))(theta, x0, level, noise), np.float64)
+
+
+def test_the_loss_gradient_at_the_exact_model_is_zero_in_expectation():
+    g = _per_example_grads(0.0)
+    se = g.std() / np.sqrt(g.size)
+    assert abs(g.mean()) < 5 * se
+    g = _per_example_grads(0.2)  # a perturbed model is pushed back
+    assert g.mean() > 5 * g.std() / np.sqrt(g.size)
+
+
+def test_the_time_sampler_is_the_paper_s():
+    n = 20000
+    rt = np.asarray(jax.vmap(lambda k: meanflow.sample_r_t(k, ratio=0.25))(jax.random.split(jax.random.key(6), n)),
+                    np.float64)
+    r, t = rt[:, 0], rt[:, 1]
+    assert np.all(r <= t) and np.all((t > 0) & (t < 1))
+    differ = r < t
+    assert abs(differ.mean() - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n)
+    logit = lambda x: np.log(x / (1 - x))
+    cdf = lambda x: scipy.stats.norm.cdf(x, -0.4, 1.0)
+    assert scipy.stats.kstest(logit(t[differ]), lambda x: cdf(x) ** 2).pvalue > 1e-3  # the max of two
+    assert scipy.stats.kstest(logit(r[differ]), lambda x: 1 - (1 - cdf(x)) ** 2).pvalue > 1e-3  # the min
+    assert scipy.stats.kstest(logit(t[~differ]), lambda x: cdf(x) ** 2).pvalue > 1e-3  # r = t: t is still the max
+
+
+def _tiny_unet(conv_backward, remat=False):
+    from training_utils import tiny_config
+
+    config = tiny_config()
+    config.model.conv_backward = conv_backward
+    config.model.remat = remat
+    config.model.norm_groups = 2  # one channel per group would normalise the time embedding's bias away
+    return make_model(config.model, num_classes=None, learned_variance=False, time_inputs=2)
+
+
+def test_the_unet_takes_two_time_inputs_and_jvp_goes_through_every_convolution_rule():
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    unet = _tiny_unet("xla")
+    params = unet.init(jax.random.key(1), x, jnp.zeros((3, 2)))["params"]
+    params = jax.tree.map(lambda p: p + 0.02, params)  # a non-zero output layer
+    assert {"temb_dense0", "temb2_dense0", "temb2_dense1"} <= set(params)
+    f = lambda p, time: unet.apply({"params": p}, x, time)
+    a, b = f(params, jnp.array([[500.0, 0.0]] * 3)), f(params, jnp.array([[500.0, 300.0]] * 3))
+    assert not np.allclose(np.asarray(a), np.asarray(b))  # the interval input reaches the output
+    with pytest.raises(ValueError, match=r"t must have shape \[3, 2\]"):
+        unet.apply({"params": params}, x, jnp.zeros((3,)))
+    obj, noise = objectives.MeanFlow(ratio=1.0), jax.random.normal(jax.random.key(2), x.shape)
+    level = jax.vmap(obj.noise_level)(jax.random.split(jax.random.key(3), 3))
+
+    def loss_and_grad(model):
+        fn = lambda p: obj.loss(lambda z, time: model.apply({"params": p}, z, time), x, None,
+                                level=level, noise=noise)[0]
+        return jax.jit(jax.value_and_grad(fn))(params)
+
+    ref_loss, ref_grad = loss_and_grad(unet)
+    for other in (_tiny_unet("taps"), _tiny_unet("taps", remat=True)):
+        loss, grad = loss_and_grad(other)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=2e-3, atol=1e-6)
+
+
+def test_config_errors_name_the_meanflow_field():
+    from training_utils import tiny_config
+
+    config = tiny_config()
+    config.diffusion.objective = "meanflow"
+    config.diffusion.meanflow.ratio = 1.5
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.ratio=1.5"):
+        objectives.from_config(config.diffusion)
