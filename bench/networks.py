@@ -83,13 +83,15 @@ def get(name: str) -> BenchNet:
     return NETWORKS[name]
 
 
-def build(net: BenchNet, dtype: str = "float32", remat: bool = False, conv_backward: str = "taps"):
+def build(net: BenchNet, dtype: str = "float32", remat: bool = False, conv_backward: str = "taps",
+          time_inputs: int = 1):
     """The jaxdiff UNet of ``net``: ``get_model(net.preset, **net.overrides)``."""
     import jax.numpy as jnp
 
     from jaxdiff.models import get_model
 
-    return get_model(net.preset, **net.overrides, dtype=jnp.dtype(dtype), remat=remat, conv_backward=conv_backward)
+    return get_model(net.preset, **net.overrides, dtype=jnp.dtype(dtype), remat=remat, conv_backward=conv_backward,
+                     time_inputs=time_inputs)
 
 
 def param_count(net: BenchNet) -> int:
@@ -138,10 +140,11 @@ def init_train_state(model, tx, image_shape: tuple[int, int, int], num_classes: 
                               label_dropout=0.1 if num_classes else 0.0)
 
 
-def library_train_step():
-    """``step(state, batch, key) -> (state, metrics)``: ``jaxdiff.training.step.train_step`` of the
-    diffusion objective (epsilon prediction, uniform weighting, ``linear_schedule(1000)``); the
-    network, optimizer, EMA decay and label dropout come with the state (:func:`init_train_state`).
+def library_train_step(objective=None):
+    """``step(state, batch, key) -> (state, metrics)``: ``jaxdiff.training.step.train_step`` of
+    ``objective`` (default: the diffusion objective, epsilon prediction, uniform weighting,
+    ``linear_schedule(1000)``); the network, optimizer, EMA decay and label dropout come with the
+    state (:func:`init_train_state`).
 
     ``batch`` holds ``image [B, H, W, C]``, ``index [B]`` (and ``label [B]`` when conditional);
     ``key`` is the run's root key. Pure: the caller wraps it in ``jax.jit`` / ``pmap``.
@@ -150,7 +153,9 @@ def library_train_step():
     from jaxdiff.objectives import Diffusion
     from jaxdiff.training.step import train_step
 
-    return functools.partial(train_step, objective=Diffusion(schedule=jaxdiff.linear_schedule(1000)))
+    if objective is None:
+        objective = Diffusion(schedule=jaxdiff.linear_schedule(1000))
+    return functools.partial(train_step, objective=objective)
 
 
 def library_generate(model, image_shape: tuple[int, int, int], *, sampler: str, num_steps: int):
@@ -166,12 +171,14 @@ def library_generate(model, image_shape: tuple[int, int, int], *, sampler: str, 
 
 
 def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: bool = False,
-                   donate: bool = True, conv_backward: str = "taps"):
+                   donate: bool = True, conv_backward: str = "taps", objective=None):
     """The library's train step of ``net`` under ``jax.jit`` (state donated unless ``donate=False``):
-    Adam 2e-4 with global-norm clipping 1.0, EMA 0.9999, label dropout 0.1 when conditional.
+    Adam 2e-4 with global-norm clipping 1.0, EMA 0.9999, label dropout 0.1 when conditional;
+    ``objective`` as :func:`library_train_step` (the network gets its ``time_inputs``).
 
     Returns ``(run, info)``: ``run(k)`` does ``k`` train steps and blocks; ``info`` has the
-    parameter count, the XLA FLOPs of one step, the compile time and the time
+    parameter count, the XLA FLOPs of one step, the compiled program's memory (``temp_bytes``:
+    XLA's scratch for one step, the peak beyond the state and batch), the compile time and the time
     ``create_train_state`` took (it initialises the network eagerly).
     """
     import jax
@@ -179,12 +186,13 @@ def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: 
     from jaxdiff.models import count_params
     from jaxdiff.training.state import make_optimizer
 
-    model = build(net, dtype=dtype, remat=remat, conv_backward=conv_backward)
+    model = build(net, dtype=dtype, remat=remat, conv_backward=conv_backward,
+                  time_inputs=getattr(objective, "time_inputs", 1))
     tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
     t0 = time.perf_counter()
     state = jax.block_until_ready(init_train_state(model, tx, net.image_shape, net.num_classes))
     init_s = time.perf_counter() - t0
-    fn = jax.jit(library_train_step(),
+    fn = jax.jit(library_train_step(objective),
                  donate_argnums=(0,) if donate else ())
     data = make_jax_batch(net, batch)
     key = jax.random.key(1)
@@ -201,7 +209,9 @@ def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: 
             holder[0], metrics = compiled(holder[0], data, key)
         jax.block_until_ready(metrics)
 
+    mem = compiled.memory_analysis()
     info = {"params": count_params(state.params), "flops_per_step": float(cost.get("flops", float("nan"))),
+            "temp_bytes": float(getattr(mem, "temp_size_in_bytes", float("nan"))) if mem is not None else float("nan"),
             "compile_s": compile_s, "init_s": init_s}
     return run, info
 

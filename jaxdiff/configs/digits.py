@@ -9,8 +9,8 @@ all, a final loss near 0.075, and ``workdir/digits/samples/final.png``: a 10x10 
 row r holds digit r, legible to a person (classifier-free guidance scale 2, 50 DDIM steps).
 At the end the job scores 1,000 samples of the final model (``config.eval.final_samples``) in
 the offline digits network's features (:mod:`jaxdiff.training.quality`), printed and written to
-``metrics.jsonl`` and ``eval_final.json``: expect a digits FD near 11.5 against the 360 held-out
-digits, where real digits score 5.6 (the floor); precision near 0.96, recall near 0.66. The
+``metrics.jsonl`` and ``eval_final.json``: expect a digits FD near 10.7 against the 360 held-out
+digits, where real digits score 5.6 (the floor); precision near 0.96, recall near 0.65. The
 evaluation takes one to two minutes on 2 CPU cores (100,000 network calls).
 """
 
