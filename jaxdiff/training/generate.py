@@ -21,7 +21,7 @@ from tqdm import tqdm
 from jaxdiff import samplers
 from jaxdiff.samplers import registry
 from jaxdiff.training import images as imgs
-from jaxdiff.training.sampling import generate
+from jaxdiff.training.sampling import check_options, generate
 from jaxdiff.training.workdir import load_workdir
 
 __all__ = ["generate", "sample_images", "sample_workdir", "sample_pipeline"]
@@ -144,6 +144,7 @@ def sample_pipeline(path: str, output: str, *, num_samples: int, seed: int = 0, 
     defaults = pipe.sampling
     sampler = sampler or defaults.sampler
     opts = dict(options or {})
+    check_options(sampler, opts, eta=eta, prefix="--")
     if eta is not None:
         opts["eta"] = eta
     spec = registry.check(sampler, num_steps=num_steps, num_timesteps=pipe.schedule.num_timesteps, options=opts,
