@@ -159,7 +159,7 @@ def generated_features(sampling: Sampling, params, network: FeatureNetwork, *, n
     replicated = par.put_replicated((params, jax.random.key(seed)))
     labels = imgs.grid_labels(num_samples, sampling.num_classes)
     acc, kept = fid.init_statistics(network.dim), []
-    for start in tqdm(range(0, num_samples, b), desc=f"sampling for {network.name} features", unit="batch",
+    for start in tqdm(range(0, num_samples, b), desc=f"sample + {network.name} features", unit="batch",
                       disable=not progress):
         n = min(b, num_samples - start)
         idx = np.arange(start, start + b, dtype=np.int32)  # past num_samples: padding, dropped below
