@@ -1,4 +1,4 @@
-"""The model as every sampler sees it: the :class:`Denoiser` and the adapters that make one.
+"""The model as every sampler sees it: the :class:`~jaxdiff.denoiser.Denoiser` and the adapters that make one.
 
 A Denoiser carries EDM's ``D(x, sigma)`` in VE coordinates ``x = x0 + sigma eps`` (the
 probability-flow ODE is ``dx/dsigma = (x - D(x, sigma)) / sigma`` for every objective), the noise
@@ -37,18 +37,19 @@ EDM_SIGMA_MIN = 0.002  # the grid's lowest point where a model knows every noise
 class Denoiser:
     """``fn(x [B, ...], sigma [B]) -> x0_hat [B, ...]`` and what a sampler needs besides.
 
-    Attributes:
-      fn: the denoiser ``D`` in VE coordinates.
-      sigma_min, sigma_max: the noise range the model knows; every sampler's sigma grid is clipped
-        to it (``sigma_max = inf``: any level; a sampler's ``sigma_max`` option then sets the top).
-      prior_data_var: the data variance assumed when the chain starts at ``sigma_max``: the start
-        is ``sqrt(prior_data_var + sigma_max^2) z`` with ``z ~ N(0, I)``. 1 for a schedule model (its
-        prior ``N(0, I)`` in VP coordinates), 0 for EDM's ``sigma_max z``.
-      schedule, model_fn, prediction, clip_x0, learned_variance: the discrete view of a network
-        ``model_fn(x_t, t)`` trained on ``schedule`` (``None`` for other models); with
-        ``learned_variance`` it outputs ``2C`` channels, the second half the variance.
-      average_velocity_fn: ``u(z [B, ...], r [B], t [B])`` of a MeanFlow model in the linear
-        interpolant's coordinates (``z_t = (1 - t) x0 + t eps``), or ``None``.
+    Fields:
+
+    * ``fn``: the denoiser ``D`` in VE coordinates.
+    * ``sigma_min``, ``sigma_max``: the noise range the model knows; every sampler's sigma grid is
+      clipped to it (``sigma_max = inf``: any level; a sampler's ``sigma_max`` option then sets the top).
+    * ``prior_data_var``: the data variance assumed when the chain starts at ``sigma_max``: the start
+      is ``sqrt(prior_data_var + sigma_max^2) z`` with ``z ~ N(0, I)``. 1 for a schedule model (its
+      prior ``N(0, I)`` in VP coordinates), 0 for EDM's ``sigma_max z``.
+    * ``schedule``, ``model_fn``, ``prediction``, ``clip_x0``, ``learned_variance``: the discrete view
+      of a network ``model_fn(x_t, t)`` trained on ``schedule`` (``None`` for other models); with
+      ``learned_variance`` it outputs ``2C`` channels, the second half the variance.
+    * ``average_velocity_fn``: ``u(z [B, ...], r [B], t [B])`` of a MeanFlow model in the linear
+      interpolant's coordinates (``z_t = (1 - t) x0 + t eps``), or ``None``.
     """
 
     fn: Callable
@@ -105,7 +106,7 @@ def denoiser_from_eps(schedule: Schedule, model_fn: Callable, prediction: str = 
     ``x`` ``[B, ...]`` is in EDM's coordinates ``x0 + sigma n``; the network ``model_fn(x_t, t)``
     (of any ``prediction``) is called at the fractional timestep ``t = t_from_sigma(sigma)`` on
     the VP input ``x / sqrt(1 + sigma^2)`` (mapped to the schedule's own coordinates for a VE
-    schedule) through :func:`prediction_fn`. For ``prediction="epsilon"`` on a VP schedule this is
+    schedule) through :func:`~jaxdiff.denoiser.prediction_fn`. For ``prediction="epsilon"`` on a VP schedule this is
     the VP column of EDM Table 1: ``D = x - sigma eps(x / sqrt(1 + sigma^2), t)``. A ``sigma``
     outside the schedule's range ``[schedule.sigmas[0], schedule.sigmas[-1]]`` is clamped to its
     end in ``t`` (the network never saw other noise levels).

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from jaxdiff import checks, losses
 from jaxdiff.samplers.ode import pf_ode_drift, solve_ode
@@ -157,7 +158,8 @@ def _bound_sums(schedule, model_fn, x0, key, *, prediction, variance, clip_x0):
 
 
 def variational_bound_bpd(schedule: Schedule, model_fn: Callable, data, key, *, batch_size: int | None = None,
-                          prediction: str = "epsilon", variance: str = "fixed_small", clip_x0: bool = False) -> dict:
+                          prediction: str = "epsilon", variance: str = "fixed_small", clip_x0: bool = False,
+                          progress: bool = False) -> dict:
     """The variational bound in bits/dim averaged over a dataset.
 
     Args:
@@ -166,7 +168,8 @@ def variational_bound_bpd(schedule: Schedule, model_fn: Callable, data, key, *, 
       key: batch ``j`` uses ``fold_in(key, j)`` for its noise.
       model_fn: ``model_fn(x_t, t [B] int32) -> [B, ...]`` (``2C`` channels for ``learned_range``).
     Returns ``{"bpd", "prior_bpd": floats, "terms_bpd": [T] mean per term, "num_examples": int}``.
-    Each batch costs ``T`` network calls (:func:`jaxdiff.losses.variational_bound`).
+    Each batch costs ``T`` network calls (:func:`jaxdiff.losses.variational_bound`). ``progress``:
+    a progress bar on stderr (``"bits/dim (bound)"``), one step per batch once it is computed.
     """
     checks.check_key(key)
     if hasattr(data, "shape"):
@@ -175,8 +178,10 @@ def variational_bound_bpd(schedule: Schedule, model_fn: Callable, data, key, *, 
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batches: Iterable = (data[i:i + bs] for i in range(0, n, bs))
+        num_batches = -(-n // bs)
     else:
-        batches = data
+        batches, num_batches = data, (len(data) if hasattr(data, "__len__") else None)
+    batches = tqdm(batches, desc="bits/dim (bound)", unit="batch", total=num_batches, disable=not progress)
 
     total = prior = terms = 0.0
     count = 0
@@ -185,6 +190,8 @@ def variational_bound_bpd(schedule: Schedule, model_fn: Callable, data, key, *, 
         t_sum, p_sum, term_sum = _bound_sums(schedule, model_fn, batch, jax.random.fold_in(key, j),
                                              prediction=prediction, variance=variance, clip_x0=clip_x0)
         total, prior, terms = total + t_sum, prior + p_sum, terms + term_sum
+        if progress:  # the bar counts computed batches, not dispatched ones
+            jax.block_until_ready(total)
         count += batch.shape[0]
     if count == 0:
         raise ValueError("data is empty")

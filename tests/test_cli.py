@@ -83,3 +83,20 @@ def test_a_config_typo_is_one_line_naming_the_key_and_the_suggestion(tmp_path, f
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [line]
     assert not workdir.exists()
+
+
+def test_the_scripts_help_shows_their_docstrings_as_written():
+    """``--help`` prints a script's module docstring: an escape in it (a shell line continuation ``\\``
+    at a line's end) must not be processed away, so every script's docstring is its source text."""
+    import ast
+    import glob
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "jaxdiff", "scripts", "*.py"))):
+        source = open(path, encoding="utf-8").read()
+        tree = ast.parse(source)
+        doc = ast.get_docstring(tree, clean=False)
+        if doc is None:
+            continue
+        literal = ast.get_source_segment(source, tree.body[0].value)
+        text = literal.lstrip("rRbuU")[3:-3]
+        assert doc == text, f"{os.path.relpath(path, ROOT)}: its docstring's escapes change --help (make it r\"\"\")"

@@ -241,6 +241,17 @@ def test_stats_file_round_trip_and_errors(tmp_path):
         fid.save_stats(tmp_path / "b.npz", mu, sigma, count=50, weights_sha256="not-a-hash")
     with pytest.raises(ValueError, match="count"):
         fid.save_stats(tmp_path / "b.npz", mu, sigma, count=1, weights_sha256=sha)
+    with pytest.raises(ValueError, match="network must be a string"):
+        fid.save_stats(tmp_path / "b.npz", mu, sigma, count=50, network=3)
+    assert loaded.network is None  # none given
+    # Features of one's own network: no hash (None), optionally a free-form name.
+    fid.save_stats(tmp_path / "own.npz", mu, sigma, count=50, network="my-resnet-v2")
+    own = fid.load_stats(tmp_path / "own.npz", dim=6)
+    assert (own.count, own.weights_sha256, own.network) == (50, None, "my-resnet-v2")
+    np.testing.assert_array_equal(own.mu, mu)
+    fid.save_stats(tmp_path / "anonymous.npz", mu, sigma, count=50)
+    anonymous = fid.load_stats(tmp_path / "anonymous.npz")
+    assert (anonymous.weights_sha256, anonymous.network) == (None, None)
     np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)  # pytorch-fid's layout: no provenance
     with pytest.raises(ValueError, match=r"pytorch_fid.npz lacks \['count', 'weights_sha256'\]"):
         fid.load_stats(tmp_path / "pytorch_fid.npz")

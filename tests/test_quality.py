@@ -121,6 +121,10 @@ def test_bad_inputs_name_the_file_before_sampling(workdir, tmp_path):
     fid.save_stats(other_net, np.zeros(64), np.eye(64), count=10, weights_sha256="0" * 64)
     with pytest.raises(ValueError, match="other.npz was computed with other digits weights"):
         quality.evaluate_quality(workdir, ref_stats=other_net, num_samples=8)
+    own_net = str(tmp_path / "own.npz")  # statistics of a network of one's own: nothing to check them against
+    fid.save_stats(own_net, np.zeros(64), np.eye(64), count=10, network="my-resnet")
+    with pytest.raises(ValueError, match="own.npz records no weights hash .*'my-resnet'.*digits network"):
+        quality.evaluate_quality(workdir, ref_stats=own_net, num_samples=8)
     not_weights = str(tmp_path / "garbage.safetensors")
     open(not_weights, "wb").write(b"not a safetensors file")
     with pytest.raises(ValueError, match="garbage.safetensors"):

@@ -140,6 +140,16 @@ def test_switching_on_posthoc_ema_is_refused():
         resume.check_resume(saved, current, workdir="w", step=100)
 
 
+def test_the_evaluation_settings_may_change_on_resume():
+    """``eval.*`` decides what is measured, not what is trained: a smoke run may resume with fewer samples."""
+    saved = tiny_config().to_dict()
+    current = tiny_config().to_dict()
+    current["eval"].update(final_samples=50, num_samples=20, every=10, sampler="ddpm", steps=5, batch_size=25)
+    assert resume.check_resume(saved, current, workdir="w", step=4) == {
+        "eval.batch_size": (250, 25), "eval.every": (0, 10), "eval.final_samples": (0, 50),
+        "eval.num_samples": (1000, 20), "eval.sampler": ("", "ddpm"), "eval.steps": (0, 5)}
+
+
 def test_unset_model_fields_equal_the_presets_values():
     saved = tiny_config().to_dict()
     saved["model"].update(preset="digits", ch=None, ch_mult=None)

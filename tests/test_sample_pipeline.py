@@ -16,6 +16,9 @@ from jaxdiff.samplers import sample
 from jaxdiff.schedules import linear_schedule
 from jaxdiff.training.generate import sample_pipeline
 from jaxdiff.training.images import to_uint8
+from jaxdiff.training.setup import resolve
+
+from training_utils import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -50,4 +53,26 @@ def test_sample_pipeline_checks_before_any_work(pipeline_folder, tmp_path):
         sample_pipeline(pipeline_folder, str(tmp_path / "a.npz"), num_samples=2, sampler="nope")
     with pytest.raises(ValueError, match=r"does not take --eta"):
         sample_pipeline(pipeline_folder, str(tmp_path / "b.npz"), num_samples=2, sampler="heun", eta=0.5)
+    # Options are named as the command line sets them: --option NAME=..., while eta stays the flag --eta.
+    with pytest.raises(ValueError, match=r"'dpm_solver\+\+' does not take --eta; it takes --option order=\.\.\., "):
+        sample_pipeline(pipeline_folder, str(tmp_path / "c.npz"), num_samples=2, sampler="dpm_solver++", eta=0.5)
+    with pytest.raises(ValueError, match=r"'ddim' does not take --option order=\.\.\.; it takes --eta$"):
+        sample_pipeline(pipeline_folder, str(tmp_path / "d.npz"), num_samples=2, sampler="ddim",
+                        options={"order": 3})
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_a_workdir_sampling_names_options_as_the_command_line_sets_them():
+    """``jaxdiff-sample --workdir`` checks through ``Run.sampling(prefix="--")``: an option is ``--option NAME=...``
+    (there is no ``--order`` flag), ``eta`` is the flag ``--eta``; the library spelling has no dashes."""
+    run = resolve(tiny_config())
+    with pytest.raises(ValueError) as info:
+        run.sampling(sampler="dpm_solver++", eta=0.5, prefix="--")
+    assert str(info.value) == ("sampler 'dpm_solver++' does not take --eta; it takes --option order=..., "
+                               "--option spacing=..., --option lower_order_final=..., --option denoise_final=..., "
+                               "--option sigma_max=...")
+    with pytest.raises(ValueError, match=r"^sampler 'ddim' does not take --option rho=\.\.\.; it takes --eta$"):
+        run.sampling(sampler="ddim", options={"rho": 7.0}, prefix="--")
+    with pytest.raises(ValueError, match=r"^sampler 'ddim' does not take rho; it takes eta$"):
+        run.sampling(sampler="ddim", options={"rho": 7.0}, prefix="")
+    assert run.sampling(sampler="dpm_solver++", options={"order": 3}, prefix="--").options == {"order": 3}

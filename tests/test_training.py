@@ -96,11 +96,22 @@ def test_sample_script_is_deterministic(trained_workdir, tmp_path):
         outs.append(np.load(path))
         assert os.path.exists(tmp_path / f"{name}.png")
     assert outs[0]["images"].shape == (12, 8, 8, 1) and outs[0]["images"].dtype == np.uint8
-    np.testing.assert_array_equal(outs[0]["labels"], np.repeat(np.arange(10), 10)[:12])
+    np.testing.assert_array_equal(outs[0]["labels"], [0] * 10 + [1] * 2)  # the grid order (grid_labels)
     np.testing.assert_array_equal(outs[0]["images"], outs[1]["images"])
     assert not np.array_equal(outs[0]["images"], outs[2]["images"])
     with pytest.raises(ValueError, match="sampler"):
         sample_workdir(trained_workdir, str(tmp_path / "x.npz"), num_samples=2, sampler="nope")
+
+
+def test_grid_labels_give_each_class_one_grid_row():
+    """The layout ``sample_workdir`` documents: class ``r`` fills row ``r`` of a ``num_classes``-column grid."""
+    from jaxdiff.training.images import grid_labels
+
+    np.testing.assert_array_equal(grid_labels(20, 10), [0] * 10 + [1] * 10)
+    np.testing.assert_array_equal(grid_labels(7, 3), [0, 0, 0, 1, 1, 1, 2])
+    np.testing.assert_array_equal(grid_labels(11, 2), [0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1])  # rows wrap around
+    np.testing.assert_array_equal(grid_labels(4, None), [0, 0, 0, 0])
+    assert grid_labels(20, 10).dtype == np.int32
 
 
 def test_nonfinite_loss_stops_the_job_and_checkpoints_stay_finite(tmp_path, monkeypatch):
@@ -208,10 +219,13 @@ def test_two_process_distributed_run_matches_one_process(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)
 
 
-def test_eval_reports_finite_bits_per_dim(trained_workdir):
+def test_eval_reports_finite_bits_per_dim(trained_workdir, capsys):
     from jaxdiff.training.evaluate import evaluate_workdir
 
-    out = evaluate_workdir(trained_workdir, num_examples=8, ode_examples=1, batch_size=8)
+    capsys.readouterr()
+    out = evaluate_workdir(trained_workdir, num_examples=8, ode_examples=1, batch_size=4)
+    err = capsys.readouterr().err  # both parts show a progress bar, ending complete
+    assert "bits/dim (bound): 100%" in err and " 2/2 " in err and "bits/dim (PF-ODE): 100%" in err
     # An undertrained model: finite, and far above 0 bits/dim; an 8-bit pixel costs at most ~8 bits
     # under any sensible density, but the bound of a 6-step model may exceed that, so only sanity.
     assert np.isfinite(out["vlb_bpd"]) and out["vlb_bpd"] > 0

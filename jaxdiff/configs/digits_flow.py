@@ -7,7 +7,8 @@ Command::
 The same UNet predicts the velocity ``eps - x0`` of the linear interpolant
 ``x_t = (1 - t) x0 + t eps`` (``jaxdiff.flow``); samples come from 50 Euler steps of the learned
 ODE on the Karras sigma grid (or ``--sampler heun``: 2n - 1 NFE), with classifier-free guidance.
-Expect digits of about the quality of ``jaxdiff/configs/digits.py`` in the same time (about 8 minutes on 2 CPU cores).
+Expect digits of about the quality of ``jaxdiff/configs/digits.py`` in
+the same time (about 10 minutes on 2 CPU cores).
 """
 
 from jaxdiff.configs import digits

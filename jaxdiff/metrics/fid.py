@@ -285,19 +285,30 @@ class FeatureStats:
     mu: np.ndarray  # [D] float64
     sigma: np.ndarray  # [D, D] float64
     count: int  # number of images
-    weights_sha256: str  # SHA-256 of the feature network's weights file
+    weights_sha256: str | None  # SHA-256 of the feature network's weights file; None: not recorded
+    network: str | None = None  # a free-form name of the feature network, if one was given
 
 
 _STATS_KEYS = ("mu", "sigma", "count", "weights_sha256")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def save_stats(path: str | os.PathLike, mu, sigma, *, count: int, weights_sha256: str,
-               overwrite: bool = False) -> None:
-    """Writes ``mu [D]``, ``sigma [D, D]`` (float64), ``count`` and ``weights_sha256`` to ``path`` (.npz).
+def save_stats(path: str | os.PathLike, mu, sigma, *, count: int, weights_sha256: str | None = None,
+               overwrite: bool = False, network: str | None = None) -> None:
+    """Writes ``mu [D]``, ``sigma [D, D]`` (float64), ``count`` and the network's identity to ``path`` (.npz).
 
-    Raises FileExistsError if ``path`` exists and not ``overwrite``; the file appears whole
-    (written beside it, then renamed).
+    ``weights_sha256``: the lowercase hex SHA-256 of the feature network's weights file
+    (:func:`jaxdiff.metrics.stats.file_sha256`). jaxdiff's own networks (FID Inception, digits)
+    compare it with their weights before using the file (:mod:`jaxdiff.training.quality`), so
+    ``python -m jaxdiff.metrics.stats`` always records it. For features of a network of one's
+    own, give ``None`` (nothing is recorded and nothing can be checked) and, optionally,
+    ``network``: a free-form name (``"my-resnet-v2"``) stored beside the statistics and returned
+    by :func:`load_stats`.
+
+    Raises ValueError for shapes other than ``[D]`` / ``[D, D]``, ``count < 2``, a
+    ``weights_sha256`` that is not 64 lowercase hex digits or a ``network`` that is not a string;
+    FileExistsError if ``path`` exists and not ``overwrite``. The file appears whole (written
+    beside it, then renamed).
     """
     path = os.fspath(path)
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
@@ -305,8 +316,12 @@ def save_stats(path: str | os.PathLike, mu, sigma, *, count: int, weights_sha256
         raise ValueError(f"mu and sigma must be [D] and [D, D], got {mu.shape} and {sigma.shape}")
     if int(count) != count or count < 2:
         raise ValueError(f"count must be an integer >= 2, got {count!r}")
-    if not isinstance(weights_sha256, str) or not _SHA256.fullmatch(weights_sha256):
-        raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {weights_sha256!r}")
+    if weights_sha256 is not None and (not isinstance(weights_sha256, str) or not _SHA256.fullmatch(weights_sha256)):
+        raise ValueError(f"weights_sha256 must be 64 lowercase hex digits (the weights file's SHA-256) or None "
+                         f"(features of a network of one's own: name it with network=...), got {weights_sha256!r}")
+    if network is not None and not isinstance(network, str):
+        raise ValueError(f"network must be a string (a free-form name of the feature network) or None, "
+                         f"got {network!r}")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"stats file {path} exists; pass overwrite=True to replace it")
     directory = os.path.dirname(os.path.abspath(path))
@@ -314,7 +329,9 @@ def save_stats(path: str | os.PathLike, mu, sigma, *, count: int, weights_sha256
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it private
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, count=np.int64(count), weights_sha256=np.array(weights_sha256))
+            names = {} if network is None else {"network": np.array(network)}
+            np.savez(f, mu=mu, sigma=sigma, count=np.int64(count), weights_sha256=np.array(weights_sha256 or ""),
+                     **names)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -324,8 +341,9 @@ def save_stats(path: str | os.PathLike, mu, sigma, *, count: int, weights_sha256
 def load_stats(path: str | os.PathLike, *, dim: int | None = None) -> FeatureStats:
     """Reads a file written by :func:`save_stats` (``allow_pickle=False``).
 
-    Raises FileNotFoundError for a missing file and ValueError naming the file for a missing
-    key or, when ``dim`` is given, a feature dimension other than ``dim``.
+    ``weights_sha256`` and ``network`` are ``None`` where the file records none. Raises
+    FileNotFoundError for a missing file and ValueError naming the file for a missing key or,
+    when ``dim`` is given, a feature dimension other than ``dim``.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -335,9 +353,10 @@ def load_stats(path: str | os.PathLike, *, dim: int | None = None) -> FeatureSta
         if missing:
             raise ValueError(f"stats file {path} lacks {missing} (holds {sorted(f.files)})")
         mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
-        count, sha = int(f["count"]), str(f["weights_sha256"])
+        count, sha = int(f["count"]), str(f["weights_sha256"]) or None
+        network = str(f["network"]) if "network" in f.files else None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"stats file {path}: mu and sigma must be [D] and [D, D], got {mu.shape} and {sigma.shape}")
     if dim is not None and mu.shape[0] != dim:
         raise ValueError(f"stats file {path} has feature dimension {mu.shape[0]}, expected dim={dim}")
-    return FeatureStats(mu, sigma, count, sha)
+    return FeatureStats(mu, sigma, count, sha, network)

@@ -1,4 +1,4 @@
-"""Report the likelihood of a trained workdir in bits/dim: the variational bound and the PF-ODE NLL.
+r"""Report the likelihood of a trained workdir in bits/dim: the variational bound and the PF-ODE NLL.
 
     jaxdiff-eval --workdir workdir/digits --num_examples 64 --ode_examples 8
 

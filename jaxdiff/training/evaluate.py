@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from jaxdiff import data, likelihood, objectives
 from jaxdiff.training.workdir import load_workdir
@@ -62,7 +63,8 @@ def write_eval(workdir: str, result: dict) -> tuple[str, str | None]:
 
 
 def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int = 8, batch_size: int = 64,
-                     seed: int = 0, rtol: float = 1e-3, atol: float = 1e-3, ema: float | None = None) -> dict:
+                     seed: int = 0, rtol: float = 1e-3, atol: float = 1e-3, ema: float | None = None,
+                     progress: bool = True) -> dict:
     """Bits/dim of the first ``num_examples`` training examples (data order of ``seed``) under the EMA model.
 
     * ``vlb_bpd``: the variational bound (``T`` network calls per batch), over ``num_examples``.
@@ -73,7 +75,9 @@ def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int 
     A class-conditional model is evaluated unconditionally (the null label). ``ema``: a ``sigma_rel``
     whose post-hoc EMA reconstruction is evaluated instead of the run's EMA (``load_workdir``).
     Only models of an objective with a discrete schedule (``objective.discrete``: diffusion) have
-    these likelihoods here (ValueError naming the objective otherwise).
+    these likelihoods here (ValueError naming the objective otherwise). ``progress``: a progress
+    bar on stderr, one step per batch of the bound (``"bits/dim (bound)"``) and one for the ODE
+    solve (``"bits/dim (PF-ODE)"``, adaptive, so one step for the whole solve).
     """
     if num_examples <= 0 or ode_examples < 0 or batch_size <= 0:
         raise ValueError(f"num_examples and batch_size must be positive and ode_examples >= 0, got "
@@ -93,12 +97,16 @@ def evaluate_workdir(workdir: str, *, num_examples: int = 64, ode_examples: int 
     variance = "learned_range" if learned else "fixed_large"
     key = jax.random.key(seed)
     vlb = likelihood.variational_bound_bpd(schedule, model_fn, images, jax.random.fold_in(key, 0),
-                                           batch_size=batch_size, prediction=prediction, variance=variance)
+                                           batch_size=batch_size, prediction=prediction, variance=variance,
+                                           progress=progress)
     out = {"vlb_bpd": float(vlb["bpd"]), "vlb_prior_bpd": float(vlb["prior_bpd"]), "num_examples": num_examples,
            "vlb_variance": variance}
     if ode_examples:
         ode = jax.jit(lambda x, k: likelihood.ode_bpd(schedule, eps_fn, x, k, prediction=prediction,
                                                       rtol=rtol, atol=atol))
-        res = ode(jnp.asarray(images[:ode_examples]), jax.random.fold_in(key, 1))
+        with tqdm(total=1, desc="bits/dim (PF-ODE)", unit="solve", disable=not progress) as bar:
+            res = ode(jnp.asarray(images[:ode_examples]), jax.random.fold_in(key, 1))
+            jax.block_until_ready(res)
+            bar.update()
         out.update(ode_bpd=float(np.mean(res["bpd"])), ode_nfe=int(res["nfe"]), ode_examples=ode_examples)
     return out

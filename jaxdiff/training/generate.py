@@ -21,7 +21,7 @@ from tqdm import tqdm
 from jaxdiff import samplers
 from jaxdiff.samplers import registry
 from jaxdiff.training import images as imgs
-from jaxdiff.training.sampling import generate
+from jaxdiff.training.sampling import check_options, generate
 from jaxdiff.training.workdir import load_workdir
 
 __all__ = ["generate", "sample_images", "sample_workdir", "sample_pipeline"]
@@ -66,8 +66,10 @@ def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | No
       sampler, num_steps, eta, guidance_scale: override the run's ``config.sample``; one the
         run cannot use (``eta`` for a sampler without it, guidance for an unconditional model)
         raises before any work.
-      labels: ``[N]`` class labels of a class-conditional model (default: the grid order
-        ``0, 1, ..., 9, 0, ...`` of :func:`~jaxdiff.training.images.grid_labels`).
+      labels: ``[N]`` class labels of a class-conditional model (default: the grid order of
+        :func:`~jaxdiff.training.images.grid_labels`, ``num_classes`` of each class in turn:
+        sample ``i`` has label ``(i // num_classes) % num_classes``, so 20 samples of a 10-class
+        model are ten 0s, then ten 1s, and row ``r`` of the 10-column PNG grid is class ``r``).
       options: the sampler's own options (``scripts/sample.py --option name=value``).
       ema: a ``sigma_rel`` whose post-hoc EMA reconstruction replaces the run's EMA (only when
         ``workdir`` is a path; see :func:`~jaxdiff.training.workdir.load_workdir`).
@@ -97,6 +99,11 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
                    batch_size: int = 256, overwrite: bool = False, options: Mapping | None = None,
                    ema: float | None = None) -> str:
     """Writes ``output`` (.npz with uint8 ``images`` [N, H, W, C] and ``labels``) and a PNG grid beside it.
+
+    ``labels`` (int32 ``[N]``, only for a class-conditional model) follow the grid order of
+    :func:`sample_images`: sample ``i`` has class ``(i // num_classes) % num_classes`` (ten 0s,
+    then ten 1s, ... for 10 classes), and the grid has ``num_classes`` columns, so row ``r``
+    shows class ``r``.
 
     ``sampler``, ``num_steps``, ``eta`` and ``guidance_scale`` override the run's ``config.sample``;
     ``options`` are the sampler's own (``scripts/sample.py --option name=value``); ``ema``: a
@@ -144,6 +151,7 @@ def sample_pipeline(path: str, output: str, *, num_samples: int, seed: int = 0, 
     defaults = pipe.sampling
     sampler = sampler or defaults.sampler
     opts = dict(options or {})
+    check_options(sampler, opts, eta=eta, prefix="--")
     if eta is not None:
         opts["eta"] = eta
     spec = registry.check(sampler, num_steps=num_steps, num_timesteps=pipe.schedule.num_timesteps, options=opts,

@@ -11,9 +11,11 @@ __all__ = ["grid_labels", "to_uint8", "make_grid", "grid_image", "save_grid"]
 
 
 def grid_labels(num_samples: int, num_classes: int | None) -> np.ndarray:
-    """Labels ``[N]`` int32 for a sample grid.
+    """Labels ``[N]`` int32 for a sample grid: sample ``i`` has class ``(i // num_classes) % num_classes``.
 
-    Row ``r`` (of ``num_classes`` columns) holds class ``r mod num_classes``.
+    Each class ``num_classes`` times in turn (10 classes, 20 samples: ten 0s, then ten 1s), so in
+    a grid of ``num_classes`` columns row ``r`` holds class ``r mod num_classes``. All zeros for
+    ``num_classes=None`` (an unconditional model: only the number of labels counts).
     """
     if num_classes is None:
         return np.zeros((num_samples,), np.int32)

@@ -108,6 +108,10 @@ def load_reference(network: FeatureNetwork, *, ref_stats: str | None = None, sou
     stats = None
     if ref_stats:
         stats = fid.load_stats(ref_stats, dim=network.dim)
+        if stats.weights_sha256 is None:
+            raise ValueError(f"stats file {ref_stats} records no weights hash (statistics of a network of one's own"
+                             f"{f', {stats.network!r}' if stats.network else ''}), so it cannot be checked against "
+                             f"the {network.name} network; make it with python -m jaxdiff.metrics.stats")
         if stats.weights_sha256 != network.sha256:
             raise ValueError(f"stats file {ref_stats} was computed with other {network.name} weights (sha256 "
                              f"{stats.weights_sha256[:12]}..., the network's is {network.sha256[:12]}...)")
@@ -159,7 +163,7 @@ def generated_features(sampling: Sampling, params, network: FeatureNetwork, *, n
     replicated = par.put_replicated((params, jax.random.key(seed)))
     labels = imgs.grid_labels(num_samples, sampling.num_classes)
     acc, kept = fid.init_statistics(network.dim), []
-    for start in tqdm(range(0, num_samples, b), desc=f"sampling for {network.name} features", unit="batch",
+    for start in tqdm(range(0, num_samples, b), desc=f"sample + {network.name} features", unit="batch",
                       disable=not progress):
         n = min(b, num_samples - start)
         idx = np.arange(start, start + b, dtype=np.int32)  # past num_samples: padding, dropped below

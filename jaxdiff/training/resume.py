@@ -5,7 +5,8 @@ the data would go on training the saved weights as something they are not, so th
 with the checkpoint is compared with the current one before the first step:
 
 * the fields in ``CHANGEABLE_ON_RESUME`` (the length of the run, intervals, the learning
-  rate, sampling, the parallel mode, ...) may change; the changes are logged and recorded;
+  rate, sampling, the sample-quality evaluation ``eval.*``, the parallel mode, ...) may change;
+  none of them changes what the saved weights are; the changes are logged and recorded;
 * every other field (everything under ``model``, ``diffusion`` and ``data`` except those listed,
   the ``seed``, ``train.global_batch_size``, ``train.label_dropout``, ``train.grad_clip`` and
   ``train.warmup_steps`` (both shape the optimizer's state), and
@@ -37,7 +38,7 @@ __all__ = ["CHANGEABLE_ON_RESUME", "HISTORY_FILE", "check_writable", "config_cha
 CHANGEABLE_ON_RESUME = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.sample_every", "train.learning_rate", "train.ema_decay",
-    "data.prefetch", "data.data_dir", "model.remat", "model.conv_backward", "sample.", "parallel.",
+    "data.prefetch", "data.data_dir", "model.remat", "model.conv_backward", "sample.", "eval.", "parallel.",
 )
 HISTORY_FILE = "config_history.jsonl"
 

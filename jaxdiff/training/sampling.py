@@ -24,7 +24,35 @@ import numpy as np
 from jaxdiff import checks, guidance, samplers
 from jaxdiff.objectives import Objective
 
-__all__ = ["generate", "network", "Sampling"]
+__all__ = ["generate", "network", "Sampling", "check_options", "option_names"]
+
+
+def option_names(names, *, prefix: str = "") -> list[str]:
+    """How a message names sampler options: ``eta`` as ``prefix + "eta"``, every other option as
+    ``prefix + name``, except on the command line (``prefix="--"``), where ``eta`` is the flag
+    ``--eta`` and the others are set by ``--option NAME=...`` (``scripts/sample.py``)."""
+    if prefix != "--":
+        return [prefix + k for k in names]
+    return ["--eta" if k == "eta" else f"--option {k}=..." for k in names]
+
+
+def check_options(sampler: str, options: Mapping | None = None, *, eta=None, prefix: str = "") -> None:
+    """``ValueError`` if ``options`` (or a given ``eta``) holds a name that ``sampler`` does not take.
+
+    The names the sampler takes are its registry entry's (:attr:`jaxdiff.samplers.registry.Sampler.options`);
+    the message names them as the caller sets them (:func:`option_names`: ``--eta`` and
+    ``--option order=...`` for ``prefix="--"``). An unknown ``sampler`` passes (the registry's
+    check names it).
+    """
+    if sampler not in samplers.SAMPLERS:
+        return
+    allowed = tuple(samplers.SAMPLERS[sampler].options)
+    given = [*(options or {}), *(["eta"] if eta is not None else [])]
+    bad = sorted(k for k in given if k not in allowed)
+    if bad:
+        takes = ", ".join(option_names(allowed, prefix=prefix)) or "no options"
+        raise ValueError(f"sampler {sampler!r} does not take {', '.join(option_names(bad, prefix=prefix))}; "
+                         f"it takes {takes}")
 
 
 def network(apply_fn: Callable, params, labels, *, num_classes: int | None, guidance_scale=1.0,

@@ -21,7 +21,7 @@ from jaxdiff.models import PRESETS, UNet, check_image_size, get_model
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
-from jaxdiff.training.sampling import Sampling, network
+from jaxdiff.training.sampling import Sampling, check_options, network
 from jaxdiff.training.state import make_optimizer
 
 __all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "get_config", "SCHEDULES",
@@ -80,6 +80,7 @@ class Run:
         sm = self.config.sample
         sampler = sampler or sm.sampler
         opts = dict(options or {})
+        check_options(sampler, opts, eta=eta, prefix=prefix)
         self.objective.check_sampler(sampler, num_steps=num_steps,
                                      options={**opts, **({} if eta is None else {"eta": eta})}, prefix=prefix)
         if eta is not None and eta < 0:
