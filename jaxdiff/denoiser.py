@@ -50,6 +50,8 @@ class Denoiser:
       ``learned_variance`` it outputs ``2C`` channels, the second half the variance.
     * ``average_velocity_fn``: ``u(z [B, ...], r [B], t [B])`` of a MeanFlow model in the linear
       interpolant's coordinates (``z_t = (1 - t) x0 + t eps``), or ``None``.
+    * ``consistency``: ``fn`` is a consistency function (the end of the trajectory through
+      ``(x, sigma)``, :mod:`jaxdiff.consistency`), not a denoiser: only the consistency sampler runs it.
     """
 
     fn: Callable
@@ -62,6 +64,7 @@ class Denoiser:
     clip_x0: bool = False
     learned_variance: bool = False
     average_velocity_fn: Callable | None = None
+    consistency: bool = False
 
     @property
     def discrete(self) -> bool:
@@ -71,6 +74,8 @@ class Denoiser:
     @property
     def views(self) -> tuple[str, ...]:
         """What it offers the samplers (:data:`jaxdiff.samplers.registry.VIEWS`)."""
+        if self.consistency:
+            return ("consistency",)
         return (("discrete",) if self.discrete else ()) + ("denoiser",) + (
             ("average_velocity",) if self.average_velocity_fn is not None else ())
 

@@ -21,6 +21,7 @@ OBJECTIVES = {
     "flow_matching": objectives.FlowMatching(),
     "edm": objectives.EDM(),
     "meanflow": objectives.MeanFlow(),
+    "consistency": objectives.Consistency(),
 }
 CASES = [(o, s) for o, obj in OBJECTIVES.items() for s in obj.sampler_names()]
 
@@ -48,7 +49,8 @@ def test_objectives_without_a_schedule_are_offered_the_karras_samplers_only():
     karras = {"euler", "heun", "euler_ancestral", "edm"}
     assert set(OBJECTIVES["flow_matching"].sampler_names()) == set(OBJECTIVES["edm"].sampler_names()) == karras
     assert set(OBJECTIVES["meanflow"].sampler_names()) == karras | {"meanflow"}
-    assert set(OBJECTIVES["diffusion"].sampler_names()) == set(registry.SAMPLERS) - {"meanflow"}
+    assert set(OBJECTIVES["diffusion"].sampler_names()) == set(registry.SAMPLERS) - {"meanflow", "consistency"}
+    assert OBJECTIVES["consistency"].sampler_names() == ("consistency",)
     with pytest.raises(ValueError, match=r"config.sample.sampler 'ddim' does not sample flow_matching models"):
         OBJECTIVES["flow_matching"].check_sampler("ddim", prefix="config.sample.")
 

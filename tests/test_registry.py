@@ -33,6 +33,7 @@ EXPECTED = {
     "ode": ({"rtol", "atol", "solver", "max_steps"}, None, None, True),
     "edm": (GRID | CHURN, 18, 11, False),
     "meanflow": (set(), 1, 6, False),
+    "consistency": ({"sigma_min", "sigma_max", "rho"}, 1, 6, False),
 }
 
 

@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion = ml_collections.ConfigDict()
     # diffusion | flow_matching (rectified flow, jaxdiff.flow) | edm (Karras et al. 2022, jaxdiff.edm:
     # the UNet preconditioned as a denoiser D(x, sigma); schedule, prediction, weighting unused) |
-    # meanflow (Geng et al. 2025, jaxdiff.meanflow: average velocities, 1- or n-step sampling)
+    # meanflow (Geng et al. 2025, jaxdiff.meanflow: average velocities, 1- or n-step sampling) |
+    # consistency (iCT consistency training, jaxdiff.consistency: 1- or n-step sampling)
     config.diffusion.objective = "diffusion"
     config.diffusion.schedule = "linear"  # linear | cosine | sigmoid
     config.diffusion.num_timesteps = 1000
@@ -62,6 +63,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.meanflow.p_mean = -0.4
     config.diffusion.meanflow.p_std = 1.0
     config.diffusion.meanflow.weight_p = 1.0
+    # objective="consistency" only (iCT): the curriculum's length (set it to train.num_steps) and its
+    # N from s0 to s1, and the log-normal level weights (P_mean, P_std); sigma_data above is used too.
+    config.diffusion.consistency = ml_collections.ConfigDict()
+    config.diffusion.consistency.curriculum_steps = 3000
+    config.diffusion.consistency.s0 = 10
+    config.diffusion.consistency.s1 = 1280
+    config.diffusion.consistency.p_mean = -1.1
+    config.diffusion.consistency.p_std = 2.0
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 3000

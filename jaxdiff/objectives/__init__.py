@@ -12,15 +12,18 @@ here; nothing in :mod:`jaxdiff.training` changes.
 from __future__ import annotations
 
 from jaxdiff.objectives.base import Network, Objective
+from jaxdiff.objectives.consistency import Consistency
 from jaxdiff.objectives.diffusion import Diffusion
 from jaxdiff.objectives.edm import EDM
 from jaxdiff.objectives.flow_matching import FlowMatching
 from jaxdiff.objectives.meanflow import MeanFlow
 
-__all__ = ["OBJECTIVES", "Objective", "Network", "Diffusion", "FlowMatching", "EDM", "MeanFlow", "from_config", "names"]
+__all__ = ["OBJECTIVES", "Objective", "Network", "Diffusion", "FlowMatching", "EDM", "MeanFlow", "Consistency",
+           "from_config", "names"]
 
 #: Every objective by its config name.
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Diffusion, FlowMatching, EDM, MeanFlow)}
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Diffusion, FlowMatching, EDM, MeanFlow, Consistency)}
 
 
 def names() -> tuple[str, ...]:

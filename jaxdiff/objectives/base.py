@@ -73,6 +73,12 @@ class Objective(abc.ABC):
         """The network as every sampler sees it. ``clip_x0``: clip its x0 estimates to ``[-1, 1]``
         where the objective's parameterization allows it (image data)."""
 
+    def at_step(self, step) -> Objective:
+        """The objective at training step ``step`` (traced): the train step calls it once per step, for
+        objectives whose training changes with the step (a curriculum). Default: itself."""
+        del step
+        return self
+
     @property
     def learned_variance(self) -> bool:
         """Whether the network outputs ``2C`` channels (the second half a variance)."""

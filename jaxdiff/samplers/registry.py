@@ -24,9 +24,10 @@ name                  NFE for ``n`` steps    default ``n``    ``n`` <= T   needs
 ``euler_ancestral``   ``n``                  50               --           denoiser
 ``edm``               ``2n - 1``             18               --           denoiser
 ``meanflow``          ``n``                  1                --           average_velocity
+``consistency``       ``n``                  1                --           consistency
 ====================  =====================  ===============  ===========  ==================
 
-Three kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
+Four kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
 
 * *denoiser*: the Karras-grid samplers of :mod:`jaxdiff.samplers.karras` run on every Denoiser
   (a schedule model, a flow-matching velocity, an EDM denoiser):
@@ -38,6 +39,8 @@ Three kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
   with ``x_T`` the prior draw in the schedule's coordinates.
 * *average_velocity*: the few-step samplers of an average-velocity model ``u(z, r, t)``
   (MeanFlow, :mod:`jaxdiff.meanflow`): ``run(denoiser, x_T, key, *, num_steps) -> (x0, nfe)``.
+* *consistency*: multistep sampling of a consistency function (:mod:`jaxdiff.consistency`),
+  the same ``run`` contract.
 
 Each sampler *needs* one of the Denoiser's :data:`VIEWS`. The registry knows sampler names only;
 an objective says which views its models have (:attr:`jaxdiff.objectives.Objective.views`) and
@@ -56,12 +59,13 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxdiff.samplers import ddim, ddpm, dpm_solver, karras, meanflow, ode, pc
+from jaxdiff.samplers import consistency, ddim, ddpm, dpm_solver, karras, meanflow, ode, pc
 from jaxdiff.samplers.common import one_per_step
 
 __all__ = ["Sampler", "SAMPLERS", "COMMON", "VIEWS", "get", "names", "check", "default_num_steps", "nfe"]
 
-VIEWS = ("discrete", "denoiser", "average_velocity")  # what a sampler needs of a Denoiser (module docstring)
+#: What a sampler needs of a Denoiser (module docstring).
+VIEWS = ("discrete", "denoiser", "average_velocity", "consistency")
 COMMON = ("num_steps", "prediction", "clip_x0")  # passed by the driver to every sampler that takes them
 
 
@@ -141,6 +145,9 @@ SAMPLERS: dict[str, Sampler] = {
                    needs="denoiser"),
     "meanflow": Sampler(meanflow.sample_steps, one_per_step, "MeanFlow: n jumps z_r = z_t - (t - r) u(z_t, r, t)",
                         needs="average_velocity"),
+    "consistency": Sampler(consistency.multistep, one_per_step,
+                           "consistency models: n evaluations of f at decreasing noise levels", stochastic=True,
+                           needs="consistency"),
 }
 
 
@@ -182,7 +189,8 @@ def check(name: str, *, views=None, model: str = "this", num_steps=None,
     spec = SAMPLERS[name]
     if views is not None and spec.needs not in views:
         why = {"discrete": "it runs on a discrete schedule's timesteps", "denoiser": "it needs a denoiser",
-               "average_velocity": "it needs an average-velocity model"}[spec.needs]
+               "average_velocity": "it needs an average-velocity model",
+               "consistency": "it needs a consistency model"}[spec.needs]
         raise ValueError(f"{prefix}sampler {name!r} does not sample {model} models ({why}); "
                          f"use one of {names(views)}")
     allowed = tuple(spec.options)

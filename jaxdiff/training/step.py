@@ -58,6 +58,7 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: O
     Returns: the new state (the old one where the loss or a gradient is not finite) and metrics
       ``{"loss", "mse", "grad_norm", "finite"}`` averaged over the global batch.
     """
+    objective = objective.at_step(state.step)
     keys = example_keys(root_key, state.step, batch["index"])
     sub = jax.vmap(lambda k: jax.random.split(k, 4))(keys)  # [B, 4]: level, noise, dropout, label
     x0 = batch["image"]
