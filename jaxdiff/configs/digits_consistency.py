@@ -9,6 +9,9 @@ The digits setup (the same UNet) trained as a consistency function ``f(x, sigma)
 recipe (``jaxdiff.consistency``: pseudo-Huber loss, log-normal levels, the N = 10 -> 1280
 curriculum over the run's 3,000 steps, no EMA teacher), sampled by the ``consistency`` sampler
 in one evaluation (``--steps 2``: two).
+
+Expect on 2 CPU cores about 5 minutes and a digits FD near 29 at one step (17 with ``--guidance 2``),
+8 at two and 7.6 at four (guidance 1).
 """
 
 from jaxdiff.configs import digits
