@@ -135,7 +135,7 @@ class Pipeline:
 
     def sample(self, key, n: int, *, labels=None, guidance: float | None = None, sampler: str | None = None,
                num_steps: int | None = None, batch_size: int = 256, **options) -> jax.Array:
-        """Draws ``n`` images: float32 ``[n, H, W, C]`` in about ``[-1, 1]`` (:func:`jaxdiff.to_uint8` quantizes).
+        """Draws ``n`` images: float32 ``[n, H, W, C]`` in about ``[-1, 1]`` (:func:`~jaxdiff.data.to_uint8` quantizes).
 
         Args:
           key: a PRNG key. Batch ``i`` of ``batch_size`` images is drawn from ``fold_in(key, i)``, as
@@ -156,5 +156,5 @@ class Pipeline:
         return out[0] if len(out) == 1 else jnp.concatenate(out)
 
     def sample_uint8(self, key, n: int, **kwargs) -> np.ndarray:
-        """:meth:`sample` quantized by :func:`jaxdiff.to_uint8`: uint8 ``[n, H, W, C]``, ready to save."""
+        """:meth:`sample` quantized by :func:`~jaxdiff.data.to_uint8`: uint8 ``[n, H, W, C]``, ready to save."""
         return data.to_uint8(self.sample(key, n, **kwargs))

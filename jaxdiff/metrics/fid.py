@@ -190,7 +190,7 @@ def compute_fid(images_a, images_b, *, inception, batch_size: int | None = None)
     Args:
       images_a, images_b: uint8 ``[N, H, W, C]`` in ``[0, 255]`` (``C`` in {1, 3}; any size, resized
         to 299x299 as pytorch-fid does), ``N >= 2`` each; samples in ``[-1, 1]`` go through
-        :func:`jaxdiff.to_uint8` first. Checked before the network is loaded.
+        :func:`~jaxdiff.data.to_uint8` first. Checked before the network is loaded.
       inception: the FID Inception weights: a safetensors file made by
         ``python -m jaxdiff.metrics.convert_inception`` (read by
         :func:`~jaxdiff.metrics.inception.load_inception`; nothing is downloaded), or an

@@ -94,7 +94,7 @@ class DiffusersPipeline(NamedTuple):
     """A loaded pipeline: ``model.apply({"params": params}, x, t)`` predicts ``sampling.prediction``.
 
     ``image_shape``: ``(sample_size, sample_size, in_channels)`` of ``unet/config.json`` (``None``
-    without a ``sample_size``); :attr:`pipeline` samples it with any jaxdiff sampler.
+    without a ``sample_size``); ``pipeline`` samples it with any jaxdiff sampler.
     """
 
     model: UNet
@@ -105,7 +105,7 @@ class DiffusersPipeline(NamedTuple):
 
     @property
     def pipeline(self):
-        """The :class:`jaxdiff.Pipeline` of this folder: its UNet as a :class:`jaxdiff.objectives.Diffusion`
+        """The :class:`~jaxdiff.pipeline.Pipeline` of this folder: its UNet as a :class:`jaxdiff.objectives.Diffusion`
         model of ``schedule`` and ``sampling.prediction``, with the scheduler's sampler, steps, eta,
         ``clip_sample`` and (DDPM) variance as its defaults. ``ValueError`` without an ``image_shape``."""
         from jaxdiff.objectives import Diffusion

@@ -30,7 +30,7 @@ class Workdir:
 
     @property
     def pipeline(self):
-        """The :class:`jaxdiff.Pipeline` of the EMA parameters with the run's ``config.sample`` defaults:
+        """The :class:`~jaxdiff.pipeline.Pipeline` of the EMA parameters with the run's ``config.sample`` defaults:
         ``load_workdir(W).pipeline.sample(jax.random.key(s), n)`` draws ``sample_workdir(W, seed=s)``'s images."""
         from jaxdiff.pipeline import Pipeline
 
