@@ -157,8 +157,8 @@ def load_digits() -> ArraySource:
 
 def from_uint8(images) -> np.ndarray:
     """uint8 images in ``[0, 255]`` -> float32 in ``[-1, 1]``: ``x / 127.5 - 1`` (in float32), any shape
-    (``[N, H, W, C]`` for the models). The batches of :func:`get_batch` are made by it; :func:`to_uint8`
-    inverts it exactly: ``to_uint8(from_uint8(u)) == u`` for every uint8 ``u``.
+    (``[N, H, W, C]`` for the models). The batches of :func:`~jaxdiff.data.get_batch` are made by it;
+    :func:`~jaxdiff.data.to_uint8` inverts it exactly: ``to_uint8(from_uint8(u)) == u`` for every uint8 ``u``.
 
     ``ValueError`` unless ``images`` is uint8 (float images are already in the model's range, or
     need a conversion of their own)."""
@@ -173,7 +173,7 @@ def to_uint8(images) -> np.ndarray:
     """Float images in ``[-1, 1]`` (any shape; samples ``[N, H, W, C]``) -> uint8 ``[0, 255]``, ready to save.
 
     The rule: ``(x + 1) * 127.5`` in float32, rounded to the nearest integer (halves to even, NumPy's
-    ``rint``: ``0.0 -> 127.5 -> 128``), clipped to ``[0, 255]``; the inverse of :func:`from_uint8`.
+    ``rint``: ``0.0 -> 127.5 -> 128``), clipped to ``[0, 255]``; the inverse of :func:`~jaxdiff.data.from_uint8`.
     """
     return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
@@ -326,7 +326,7 @@ def get_batch(
     """This process's shard of the global batch at ``step`` (a pure function).
 
     Returns, with ``b = global_batch_size // process_count``:
-      ``image``: float32 [b, H, W, C] in [-1, 1] (:func:`from_uint8`; H = W = image_size
+      ``image``: float32 [b, H, W, C] in [-1, 1] (:func:`~jaxdiff.data.from_uint8`; H = W = image_size
       when given, after a center crop to a square and a bicubic resize);
       ``label``: int32 [b] (only when the source has labels);
       ``index``: int32 [b], each example's index in the global batch (0..B-1).

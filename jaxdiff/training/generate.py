@@ -119,7 +119,7 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
 
     ``labels`` (``--labels``) of a class-conditional model: ``None`` (the grid order of
     :func:`~jaxdiff.training.images.grid_labels`), ``"cycle"`` or class ids repeated over the samples
-    (:func:`expand_labels`), checked against the model's ``num_classes`` before sampling.
+    (:func:`~jaxdiff.training.generate.expand_labels`), checked against the model's ``num_classes`` before sampling.
     ``sampler``, ``num_steps``, ``eta`` and ``guidance_scale`` override the run's ``config.sample``;
     ``options`` are the sampler's own (``scripts/sample.py --option name=value``); ``ema``: a
     ``sigma_rel`` whose post-hoc EMA reconstruction replaces the run's EMA (``load_workdir``);
