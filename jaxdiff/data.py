@@ -50,11 +50,13 @@ __all__ = [
     "TfdsSource",
     "batch_iterator",
     "example_hash",
+    "from_uint8",
     "get_batch",
     "load_digits",
     "make_source",
     "prepare_command",
     "stream_indices",
+    "to_uint8",
 ]
 
 DIGITS = "digits"
@@ -151,6 +153,29 @@ def load_digits() -> ArraySource:
     digits = sklearn.datasets.load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     return ArraySource(images, digits.target, num_classes=10, name=DIGITS)
+
+
+def from_uint8(images) -> np.ndarray:
+    """uint8 images in ``[0, 255]`` -> float32 in ``[-1, 1]``: ``x / 127.5 - 1`` (in float32), any shape
+    (``[N, H, W, C]`` for the models). The batches of :func:`~jaxdiff.data.get_batch` are made by it;
+    :func:`~jaxdiff.data.to_uint8` inverts it exactly: ``to_uint8(from_uint8(u)) == u`` for every uint8 ``u``.
+
+    ``ValueError`` unless ``images`` is uint8 (float images are already in the model's range, or
+    need a conversion of their own)."""
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 in [0, 255], got dtype {arr.dtype} (float images in [-1, 1] "
+                         f"need no conversion)")
+    return arr.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Float images in ``[-1, 1]`` (any shape; samples ``[N, H, W, C]``) -> uint8 ``[0, 255]``, ready to save.
+
+    The rule: ``(x + 1) * 127.5`` in float32, rounded to the nearest integer (halves to even, NumPy's
+    ``rint``: ``0.0 -> 127.5 -> 128``), clipped to ``[0, 255]``; the inverse of :func:`~jaxdiff.data.from_uint8`.
+    """
+    return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def prepare_command(name: str, data_dir: str | os.PathLike | None = None) -> str:
@@ -301,7 +326,7 @@ def get_batch(
     """This process's shard of the global batch at ``step`` (a pure function).
 
     Returns, with ``b = global_batch_size // process_count``:
-      ``image``: float32 [b, H, W, C] in [-1, 1] (``x / 127.5 - 1``; H = W = image_size
+      ``image``: float32 [b, H, W, C] in [-1, 1] (:func:`~jaxdiff.data.from_uint8`; H = W = image_size
       when given, after a center crop to a square and a bicubic resize);
       ``label``: int32 [b] (only when the source has labels);
       ``index``: int32 [b], each example's index in the global batch (0..B-1).
@@ -324,7 +349,7 @@ def get_batch(
         flip = (example_hash(seed, step, index) >> np.uint64(63)).astype(bool)
         images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
     batch = {
-        "image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+        "image": from_uint8(images),
         "index": index.astype(np.int32),
     }
     if source.info.num_classes is not None:

@@ -25,7 +25,7 @@ from jaxdiff import checks
 from jaxdiff import diffusion as d
 from jaxdiff.schedules import Schedule
 
-__all__ = ["classifier_free_guidance", "classifier_guidance", "inpaint"]
+__all__ = ["classifier_free_guidance", "classifier_guidance", "drop_labels", "inpaint"]
 
 
 def classifier_free_guidance(model_fn: Callable, labels, null_label: int, guidance_scale, *,
@@ -78,6 +78,38 @@ def classifier_free_guidance(model_fn: Callable, labels, null_label: int, guidan
         return guided if c == cond.shape[-1] else jnp.concatenate([guided, cond[..., c:]], axis=-1)
 
     return fn
+
+
+def drop_labels(key, labels, rate, null_label: int) -> jax.Array:
+    """Label dropout for classifier-free guidance training: ``labels`` ``[B]`` with each entry replaced
+    by ``null_label`` with probability ``rate``, independently.
+
+    The training job's step drops labels with this function; use it the same way with
+    :func:`jaxdiff.diffusion_loss` in a loop of your own::
+
+        y = drop_labels(k_drop, labels, 0.1, null_label=num_classes)
+        loss, _ = diffusion_loss(schedule, lambda x, t: unet.apply({"params": p}, x, t, y), x0, k_loss)
+
+    Args:
+      key: one PRNG key (split into ``B`` per-example keys), or ``[B]`` keys, one per example:
+        example ``b`` is dropped by ``bernoulli(key[b], rate)`` alone, so a batch split across
+        devices drops the same examples (the training step passes its per-example keys).
+      labels: ``[B]`` int class labels.
+      rate: the drop probability in ``[0, 1]`` (may be traced).
+      null_label: the label of the unconditional model (``num_classes`` for :class:`jaxdiff.models.UNet`).
+    Returns: ``[B]`` labels of ``labels``' dtype.
+    """
+    labels = jnp.asarray(labels)
+    if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be a [B] int array, got shape {labels.shape} and dtype {labels.dtype}")
+    r = checks.concrete_value(rate)
+    if r is not None and (r.ndim or not 0.0 <= float(r) <= 1.0):
+        raise ValueError(f"rate must be a probability in [0, 1], got {r.tolist()!r}")
+    dtype = getattr(key, "dtype", None)
+    per_example = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == labels.shape
+    keys = key if per_example else jax.random.split(checks.check_key(key), labels.shape[0])
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, rate))(keys)
+    return jnp.where(drop, null_label, labels)
 
 
 def classifier_guidance(schedule: Schedule, model_fn: Callable, classifier_log_prob: Callable, labels,

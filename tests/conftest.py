@@ -13,6 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -22,3 +23,15 @@ CACHE_DIR = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(temp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory):
+    """A workdir of 2 training steps of the tiny class-conditional digits config (one per test module)."""
+    from jaxdiff.training import loop
+
+    from training_utils import tiny_config
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    loop.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), workdir)
+    return workdir

@@ -29,7 +29,7 @@ from jaxdiff.schedules import linear_schedule
 from jaxdiff.training.evaluate import check_eval_output, write_eval
 from jaxdiff.training.generate import generate, sample_workdir
 
-from training_utils import subprocess_env, tiny_config
+from training_utils import subprocess_env
 
 T = 10
 SCHED = linear_schedule(T, 1e-3, 0.2)
@@ -294,15 +294,6 @@ def test_eval_output_is_checked_first_and_never_overwritten(tmp_path):
 
 
 # --------------------------------------------------------------------------- the scripts
-
-
-@pytest.fixture(scope="module")
-def tiny_workdir(tmp_path_factory):
-    from jaxdiff.training import loop
-
-    workdir = str(tmp_path_factory.mktemp("run"))
-    loop.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), workdir)
-    return workdir
 
 
 def _script(name, *args):

@@ -260,3 +260,36 @@ def test_iterator_reraises_errors():
         with pytest.raises(RuntimeError, match="disk on fire"):
             next(iterator)
         assert not iterator._thread.is_alive()
+
+
+# ------------------------------------------------------------------------------ uint8 <-> [-1, 1]
+
+
+def test_from_uint8_and_to_uint8_invert_each_other_on_every_level():
+    import jaxdiff
+    from jaxdiff.training import images
+
+    u = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    x = jaxdiff.from_uint8(u)
+    assert x.dtype == np.float32 and x.shape == u.shape
+    np.testing.assert_allclose(x, u.astype(np.float64) / 127.5 - 1.0, rtol=0, atol=6e-8)  # float32 of k/127.5 - 1
+    assert x.min() == -1.0 and x.max() == 1.0
+    np.testing.assert_array_equal(jaxdiff.to_uint8(x), u)
+    assert jaxdiff.to_uint8 is images.to_uint8 is data.to_uint8 and jaxdiff.from_uint8 is data.from_uint8
+
+
+def test_to_uint8_rounds_to_the_nearest_level_and_clips():
+    # 0.0 -> 127.5 exactly: NumPy's rint rounds the half to the even 128.
+    x = np.array([-2.0, -1.0, -1.0 + 0.49 / 127.5, -1.0 + 0.51 / 127.5, 0.0, 1.0 - 0.51 / 127.5, 1.0, 3.0, -np.inf,
+                  np.inf], np.float32)
+    np.testing.assert_array_equal(data.to_uint8(x), [0, 0, 0, 1, 128, 254, 255, 255, 0, 255])
+    # Away from the halves: floor((x + 1) * 127.5 + 1/2) in float64.
+    y = np.random.default_rng(0).uniform(-1.2, 1.2, 10000)
+    y = y[np.abs(np.modf((y + 1) * 127.5)[0] - 0.5) > 1e-3]
+    want = np.clip(np.floor((y + 1) * 127.5 + 0.5), 0, 255)
+    np.testing.assert_array_equal(data.to_uint8(y.astype(np.float32)), want)
+
+
+def test_from_uint8_refuses_float_images():
+    with pytest.raises(ValueError, match=r"images must be uint8 in \[0, 255\], got dtype float32"):
+        data.from_uint8(np.zeros((1, 8, 8, 1), np.float32))

@@ -16,7 +16,7 @@ from jax.scipy.stats import multivariate_normal
 from scipy import stats
 
 from jaxdiff import diffusion as d
-from jaxdiff.guidance import classifier_free_guidance, classifier_guidance, inpaint
+from jaxdiff.guidance import classifier_free_guidance, classifier_guidance, drop_labels, inpaint
 from jaxdiff.oracle import GaussianMixture
 from jaxdiff.samplers import sample
 from jaxdiff.schedules import linear_schedule, ve_schedule
@@ -146,3 +146,46 @@ def test_cfg_is_one_formula_in_float64(batched, guided_channels):
     if guided_channels is not None:
         want[:, guided_channels:] = cond[:, guided_channels:]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- label dropout
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_drop_labels_drops_a_binomial_fraction_to_exactly_the_null_label(rate):
+    n, null = 20000, 10
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, 10, n), jnp.int32)
+    out = np.asarray(jax.jit(lambda k: drop_labels(k, labels, rate, null))(jax.random.key(3)))
+    dropped = out == null
+    assert out.dtype == np.int32 and set(np.unique(out[dropped])) == {null}
+    np.testing.assert_array_equal(out[~dropped], np.asarray(labels)[~dropped])
+    lo, hi = stats.binom.ppf([1e-6, 1 - 1e-6], n, rate)  # a one-in-a-million band of Binomial(n, rate)
+    assert lo <= dropped.sum() <= hi
+    # Which examples drop depends on the keys alone, not on the labels.
+    other = np.asarray(drop_labels(jax.random.key(3), (labels + 1) % 10, rate, null))
+    np.testing.assert_array_equal(other == null, dropped)
+
+
+def test_drop_labels_per_example_keys_make_each_drop_its_own():
+    """With ``[B]`` keys (the training step's), example ``b`` depends on ``keys[b]`` alone: any split
+    of the batch drops the same examples."""
+    keys = jax.random.split(jax.random.key(1), 64)
+    labels = jnp.arange(64, dtype=jnp.int32) % 5
+    whole = np.asarray(drop_labels(keys, labels, 0.5, 5))
+    parts = np.concatenate([drop_labels(keys[i:i + 8], labels[i:i + 8], 0.5, 5) for i in range(0, 64, 8)])
+    np.testing.assert_array_equal(whole, parts)
+    assert 0 < (whole == 5).sum() < 64
+    np.testing.assert_array_equal(drop_labels(keys, labels, 0.0, 5), labels)
+    np.testing.assert_array_equal(drop_labels(keys, labels, 1.0, 5), np.full(64, 5))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: drop_labels(jax.random.key(0), jnp.zeros((4,), jnp.int32), 1.5, 10), r"rate must be a probability"),
+    (lambda: drop_labels(jax.random.key(0), jnp.zeros((4,), jnp.int32), -0.1, 10), r"rate must be a probability"),
+    (lambda: drop_labels(jax.random.key(0), jnp.zeros((4, 1), jnp.int32), 0.1, 10), r"labels must be a \[B\] int"),
+    (lambda: drop_labels(jax.random.key(0), jnp.zeros((4,)), 0.1, 10), r"labels must be a \[B\] int"),
+    (lambda: drop_labels(0, jnp.zeros((4,), jnp.int32), 0.1, 10), r"key must be a PRNG key"),
+])
+def test_drop_labels_bad_inputs_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -17,13 +17,15 @@ import pytest
 from fixtures import inception_weights as W
 from safetensors.numpy import load_file, save_file
 
-from jaxdiff.metrics import convert_inception as conv
 from jaxdiff.metrics import (
+    compute_fid,
     expected_state_dict_shapes,
+    frechet_distance,
     inception_from_state_dict,
     load_inception,
     resize_bilinear,
 )
+from jaxdiff.metrics import convert_inception as conv
 from jaxdiff.metrics.inception import preprocess
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -152,6 +154,35 @@ def test_batching_and_empty_input(state_dict, images, reference):
     ref = reference["pool3/rgb32"]
     assert max_rel(feats[:2], ref) <= 1e-4 and max_rel(feats[2:], ref[:1]) <= 1e-4
     assert net(three[:0]).shape == (0, 2048)
+
+
+# --------------------------------------------------------------------------- FID end to end
+def test_compute_fid_is_the_frechet_distance_of_pytorch_fids_features(net, weights_file, images, reference):
+    """``a = [x0, x1]``, ``b = [x1, x1]``: b's covariance is zero, so FID = ``|mu_a - f1|^2 + tr(S_a)``
+    with pytorch-fid's own pool3 features ``f`` (the committed reference), in float64."""
+    a, b = images["rgb32"], images["rgb32"][[1, 1]]
+    f = reference["pool3/rgb32"].astype(np.float64)
+    mu_a, cov_a = f.mean(axis=0), np.cov(f, rowvar=False)
+    want = np.sum((mu_a - f[1]) ** 2) + np.trace(cov_a)
+    got = compute_fid(a, b, inception=weights_file, batch_size=1)
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+    # The features computed the existing way (load_inception, then frechet_distance).
+    np.testing.assert_allclose(got, frechet_distance(net(a), net(b)), rtol=1e-6)
+    np.testing.assert_allclose(compute_fid(a, b, inception=net), got, rtol=1e-6)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((np.zeros((2, 8, 8, 3), np.float32), np.zeros((2, 8, 8, 3), np.uint8)),
+     r"images_a must be uint8 .*got dtype float32: jaxdiff.to_uint8 converts samples in \[-1, 1\]"),
+    ((np.zeros((2, 8, 8, 3), np.uint8), np.zeros((1, 8, 8, 3), np.uint8)), r"images_b needs at least 2 images"),
+    ((np.zeros((2, 3, 8, 8), np.uint8), np.zeros((2, 8, 8, 3), np.uint8)), r"images_a must have 1 or 3 channels"),
+])
+def test_compute_fid_checks_the_images_before_loading_weights(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        compute_fid(*args, inception=str(tmp_path / "never-read.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"never-read\.safetensors.*convert_inception"):
+        compute_fid(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 8, 8, 3), np.uint8),
+                    inception=str(tmp_path / "never-read.safetensors"))
 
 
 # --------------------------------------------------------------------------- bad input

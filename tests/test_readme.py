@@ -44,3 +44,10 @@ def test_readme_python_examples_run(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_readme_names_the_inception_weights_the_converter_checks():
+    from jaxdiff.metrics.convert_inception import FID_WEIGHTS_URL
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert FID_WEIGHTS_URL in f.read()

@@ -3,12 +3,15 @@
 The FID Inception network (pytorch-fid's, from its weights converted to safetensors) is
 :mod:`jaxdiff.metrics.inception`; the offline digits feature network is
 :mod:`jaxdiff.metrics.digits`; reference statistics of a dataset are made by
-``python -m jaxdiff.metrics.stats``.
+``python -m jaxdiff.metrics.stats``. :func:`compute_fid` is FID end to end: two uint8 image sets
+and the Inception weights file in, a number out (``jaxdiff.metrics.fid`` is the module of the
+feature-level functions).
 """
 
 from jaxdiff.metrics import fid
 from jaxdiff.metrics.fid import (
     FeatureStats,
+    compute_fid,
     feature_statistics,
     frechet_distance,
     frechet_distance_from_stats,
@@ -30,6 +33,7 @@ from jaxdiff.metrics.inception import (
 __all__ = [
     "FIDInceptionV3",
     "FeatureStats",
+    "compute_fid",
     "InceptionFeatures",
     "expected_state_dict_shapes",
     "feature_statistics",

@@ -17,6 +17,8 @@ Every function takes features ``[N, D]`` (NumPy or JAX arrays) from one feature 
 * :func:`precision_recall` (Kynkaanniemi et al. 2019): the fraction of one set inside the
   union of the other set's k-NN balls.
 * :func:`save_stats` / :func:`load_stats`: reference statistics as ``.npz`` (no pickle).
+* :func:`compute_fid`: the one function that takes images: FID of two uint8 image sets through the
+  FID Inception (:mod:`jaxdiff.metrics.inception`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "FeatureStats",
+    "compute_fid",
     "StatsAccumulator",
     "feature_statistics",
     "finalize_statistics",
@@ -178,6 +181,41 @@ def frechet_distance(features_a, features_b) -> float:
     a = _as_features("features_a", features_a)
     b = _as_features("features_b", features_b, dim=a.shape[1])
     return frechet_distance_from_stats(*feature_statistics(a), *feature_statistics(b))
+
+
+def compute_fid(images_a, images_b, *, inception, batch_size: int | None = None) -> float:
+    """FID of two image sets end to end: pytorch-fid's Inception pool3 features of each, then
+    :func:`frechet_distance` (as :func:`jaxdiff.metrics.digits.digits_fd` is for the digits network).
+
+    Args:
+      images_a, images_b: uint8 ``[N, H, W, C]`` in ``[0, 255]`` (``C`` in {1, 3}; any size, resized
+        to 299x299 as pytorch-fid does), ``N >= 2`` each; samples in ``[-1, 1]`` go through
+        :func:`~jaxdiff.data.to_uint8` first. Checked before the network is loaded.
+      inception: the FID Inception weights: a safetensors file made by
+        ``python -m jaxdiff.metrics.convert_inception`` (read by
+        :func:`~jaxdiff.metrics.inception.load_inception`; nothing is downloaded), or an
+        :class:`~jaxdiff.metrics.inception.InceptionFeatures` already loaded.
+      batch_size: images per network call when ``inception`` is a path (default 50; the
+        features do not depend on it beyond float rounding).
+    Returns: the FID, a float.
+    """
+    from jaxdiff.metrics import inception as inc  # the network, only for the images
+
+    for name, images in (("images_a", images_a), ("images_b", images_b)):
+        arr = np.asarray(images)
+        if arr.dtype != np.uint8:
+            raise ValueError(f"{name} must be uint8 [N, H, W, C] in [0, 255], the FID Inception's input (as "
+                             f"pytorch-fid reads image files), got dtype {arr.dtype}: jaxdiff.to_uint8 converts "
+                             f"samples in [-1, 1]")
+        if inc.check_images(arr, name).shape[0] < 2:
+            raise ValueError(f"{name} needs at least 2 images (a covariance), got shape {arr.shape}")
+    if isinstance(inception, inc.InceptionFeatures):
+        if batch_size is not None:
+            raise ValueError("batch_size applies to a weights path; the InceptionFeatures given has its own")
+        network = inception
+    else:
+        network = inc.load_inception(inception, batch_size=50 if batch_size is None else batch_size)
+    return frechet_distance(network(images_a), network(images_b))
 
 
 @jax.jit

@@ -66,8 +66,8 @@ def load_features(features: str, weights: str | os.PathLike | None = None) -> tu
     network = inception.load_inception(weights)
 
     def inception_features(images: np.ndarray) -> np.ndarray:
-        # The FID Inception takes uint8, like pytorch-fid; the pipeline's x / 127.5 - 1 inverts exactly.
-        return network(np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8))
+        # The FID Inception takes uint8, like pytorch-fid; to_uint8 inverts the pipeline's from_uint8 exactly.
+        return network(data.to_uint8(images))
 
     return inception_features, file_sha256(weights)
 

@@ -6,6 +6,7 @@ and usually ``model_index.json``. Example::
     pipe = from_diffusers_pipeline("ddpm-cifar10-32")
     fn = lambda x, t: pipe.model.apply({"params": pipe.params}, x, t)
     images = sample(pipe.schedule, fn, key, (16, 32, 32, 3), **pipe.sampling.kwargs())
+    images = pipe.pipeline.sample(key, 16, sampler="ddim", num_steps=50)  # or through a jaxdiff.Pipeline
 
 Scheduler settings read (missing keys take diffusers' defaults): ``_class_name``
 ``DDPMScheduler`` (sampler ``ddpm``) or ``DDIMScheduler`` (``ddim``, eta 0);
@@ -90,12 +91,34 @@ class SamplingDefaults(NamedTuple):
 
 
 class DiffusersPipeline(NamedTuple):
-    """A loaded pipeline: ``model.apply({"params": params}, x, t)`` predicts ``sampling.prediction``."""
+    """A loaded pipeline: ``model.apply({"params": params}, x, t)`` predicts ``sampling.prediction``.
+
+    ``image_shape``: ``(sample_size, sample_size, in_channels)`` of ``unet/config.json`` (``None``
+    without a ``sample_size``); ``pipeline`` samples it with any jaxdiff sampler.
+    """
 
     model: UNet
     params: Any
     schedule: Schedule
     sampling: SamplingDefaults
+    image_shape: tuple[int, int, int] | None = None
+
+    @property
+    def pipeline(self):
+        """The :class:`~jaxdiff.pipeline.Pipeline` of this folder: its UNet as a :class:`jaxdiff.objectives.Diffusion`
+        model of ``schedule`` and ``sampling.prediction``, with the scheduler's sampler, steps, eta,
+        ``clip_sample`` and (DDPM) variance as its defaults. ``ValueError`` without an ``image_shape``."""
+        from jaxdiff.objectives import Diffusion
+        from jaxdiff.pipeline import Pipeline
+
+        if self.image_shape is None:
+            raise ValueError("image_shape is None (unet/config.json has no sample_size): give one with "
+                             "pipe._replace(image_shape=(H, W, C)).pipeline")
+        s = self.sampling
+        objective = Diffusion(schedule=self.schedule, prediction=s.prediction, variance=bool(self.model.learn_sigma))
+        return Pipeline(objective, self.model.apply, self.params, self.image_shape, num_classes=self.model.num_classes,
+                        sampler=s.sampler, num_steps=s.num_steps, eta=s.eta or 0.0, clip_x0=s.clip_x0,
+                        options={"variance": s.variance} if s.variance else {})
 
 
 def diffusers_betas(config: dict) -> np.ndarray:
@@ -201,6 +224,10 @@ def from_diffusers_pipeline(path: str) -> DiffusersPipeline:
     except ValueError as e:
         raise ValueError(f"{sched_path}: {e}") from None
     model, params = dm.from_diffusers(os.path.join(path, "unet"))
+    with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+        unet_config = json.load(f)
+    size = unet_config.get("sample_size")
+    image_shape = (size, size, params["conv_in"]["kernel"].shape[2]) if isinstance(size, int) else None
     if sampling.variance == "learned_range":
         in_ch = params["conv_in"]["kernel"].shape[2]
         if model.out_channels != 2 * in_ch:
@@ -209,7 +236,7 @@ def from_diffusers_pipeline(path: str) -> DiffusersPipeline:
                 f"got {model.out_channels}"
             )
         model = model.clone(out_channels=in_ch, learn_sigma=True)
-    return DiffusersPipeline(model, params, schedule, sampling)
+    return DiffusersPipeline(model, params, schedule, sampling, image_shape)
 
 
 _PIPELINE = {"ddpm": ("DDPMPipeline", "DDPMScheduler"), "ddim": ("DDIMPipeline", "DDIMScheduler")}

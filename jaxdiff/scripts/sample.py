@@ -9,6 +9,8 @@
 Writes ``samples.npz`` (``images``: uint8 [N, H, W, C]; ``labels``: int32 [N] for a
 class-conditional model) and a PNG grid beside it (``samples.png``). The same seed gives the
 same output. ``--sampler``, ``--steps``, ``--eta`` and ``--guidance`` override the run's config;
+``--labels`` picks the classes of a class-conditional model (``cycle``, or ids repeated over the samples:
+``--labels 3``, ``--labels 0,1,2``; default: the grid order, row ``r`` of class ``r``).
 ``--option name=value`` (repeatable) sets any option of the sampler (``jaxdiff.samplers.registry``),
 e.g. ``--option s_churn=40 --option sigma_max=80`` for ``edm``. ``--ema sigma_rel=0.1`` samples the
 post-hoc EMA reconstruction written by ``jaxdiff-posthoc-ema``.
@@ -38,6 +40,8 @@ flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w (1 = the 
 flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output (and the .png beside it).")
 flags.DEFINE_multi_string("option", [], "A sampler option name=value (repeatable), e.g. s_churn=40.")
+flags.DEFINE_string("labels", None, "Class labels of a class-conditional model: 'cycle' (0, 1, ..., 0, ...) or "
+                    "class ids repeated over the samples, e.g. 3 or 0,1,2 (default: grid order, row r of class r).")
 flags.DEFINE_string("ema", None, "sigma_rel=S: use the post-hoc EMA reconstruction of S (jaxdiff-posthoc-ema).")
 flags.register_multi_flags_validator(["workdir", "diffusers"], lambda f: bool(f["workdir"]) != bool(f["diffusers"]),
                                     message="give exactly one of --workdir and --diffusers")
@@ -48,7 +52,7 @@ def main(argv):
     from jaxdiff.training.phema import parse_ema
 
     if FLAGS.diffusers:
-        for name in ("guidance", "ema"):
+        for name in ("guidance", "ema", "labels"):
             if FLAGS[name].present:
                 raise ValueError(f"--{name} applies to a --workdir, not to a diffusers pipeline")
         path = sample_pipeline(FLAGS.diffusers, FLAGS.output, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
@@ -61,8 +65,20 @@ def main(argv):
     path = sample_workdir(FLAGS.workdir, FLAGS.output, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                           sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
                           guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite,
-                          options=cli.parse_options(FLAGS.option), ema=parse_ema(FLAGS.ema))
+                          options=cli.parse_options(FLAGS.option), ema=parse_ema(FLAGS.ema),
+                          labels=parse_labels(FLAGS.labels))
     print(f"wrote {path} and {os.path.splitext(path)[0]}.png")
+
+
+def parse_labels(text: str | None):
+    """``--labels``: ``None``, ``"cycle"`` or a tuple of ints from ``"3"`` / ``"0,1,2"`` (``ValueError`` naming
+    the flag); their range is checked against the model's ``num_classes`` by ``sample_workdir``."""
+    if text is None or text.strip() == "cycle":
+        return None if text is None else "cycle"
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--labels must be 'cycle' or comma-separated class ids like 0,1,2, got {text!r}") from None
 
 
 def run():

@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -24,7 +23,7 @@ from jaxdiff.training import images as imgs
 from jaxdiff.training.sampling import check_options, generate
 from jaxdiff.training.workdir import load_workdir
 
-__all__ = ["generate", "sample_images", "sample_workdir", "sample_pipeline"]
+__all__ = ["generate", "sample_images", "sample_workdir", "sample_pipeline", "expand_labels"]
 
 
 def _check_output(output: str, overwrite: bool) -> list[str]:
@@ -85,26 +84,46 @@ def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | No
     labels = np.asarray(labels, np.int32)
     if labels.shape != (num_samples,):
         raise ValueError(f"labels must have shape [num_samples]=({num_samples},), got {labels.shape}")
-    fn = jax.jit(sampling)
-    key = jax.random.key(seed)
-    chunks = []
-    for i, start in enumerate(tqdm(range(0, num_samples, batch_size), desc="sample", unit="batch")):
-        out = fn(wd.ema_params, jax.random.fold_in(key, i), jnp.asarray(labels[start:start + batch_size]))
-        chunks.append(imgs.to_uint8(out))
+    batches = sampling.batches(wd.ema_params, jax.random.key(seed), labels, batch_size)
+    chunks = [imgs.to_uint8(out) for out in tqdm(batches, desc="sample", unit="batch",
+                                                   total=-(-num_samples // batch_size))]
     return np.concatenate(chunks), labels
+
+
+def expand_labels(labels, num_samples: int, num_classes: int | None, name: str = "--labels") -> np.ndarray:
+    """int32 ``[num_samples]`` labels from ``labels``: ``"cycle"`` (``0, 1, ..., num_classes - 1, 0, ...``) or
+    class ids ``[K]`` repeated over the samples (``[3]``: all threes; ``[0, 1]``: ``0, 1, 0, 1, ...``).
+
+    ``ValueError`` naming ``name``: an unconditional model (``num_classes=None``), no ids, an id outside
+    ``[0, num_classes)``.
+    """
+    if num_classes is None:
+        raise ValueError(f"{name}: the model is unconditional (it takes no class labels)")
+    if isinstance(labels, str):
+        if labels != "cycle":
+            raise ValueError(f"{name} must be 'cycle' or class ids, got {labels!r}")
+        return (np.arange(num_samples) % num_classes).astype(np.int32)
+    ids = np.asarray(labels)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be 'cycle' or a list of class ids, got {labels!r}")
+    bad = ids[(ids < 0) | (ids >= num_classes)]
+    if bad.size:
+        raise ValueError(f"{name}: class {int(bad[0])} is out of range: the model has num_classes={num_classes} "
+                         f"(ids 0..{num_classes - 1})")
+    return np.resize(ids, num_samples).astype(np.int32)
 
 
 def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0, sampler: str | None = None,
                    num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
                    batch_size: int = 256, overwrite: bool = False, options: Mapping | None = None,
-                   ema: float | None = None) -> str:
+                   ema: float | None = None, labels=None) -> str:
     """Writes ``output`` (.npz with uint8 ``images`` [N, H, W, C] and ``labels``) and a PNG grid beside it.
 
-    ``labels`` (int32 ``[N]``, only for a class-conditional model) follow the grid order of
-    :func:`sample_images`: sample ``i`` has class ``(i // num_classes) % num_classes`` (ten 0s,
-    then ten 1s, ... for 10 classes), and the grid has ``num_classes`` columns, so row ``r``
-    shows class ``r``.
-
+    ``labels`` (``--labels``) of a class-conditional model: ``None`` (the grid order of
+    :func:`sample_images`: sample ``i`` has class ``(i // num_classes) % num_classes``, ten 0s, then
+    ten 1s, ... for 10 classes, so that row ``r`` of the grid shows class ``r``), ``"cycle"`` or class
+    ids repeated over the samples (:func:`~jaxdiff.training.generate.expand_labels`), checked against
+    the model's ``num_classes`` before sampling.
     ``sampler``, ``num_steps``, ``eta`` and ``guidance_scale`` override the run's ``config.sample``;
     ``options`` are the sampler's own (``scripts/sample.py --option name=value``); ``ema``: a
     ``sigma_rel`` whose post-hoc EMA reconstruction replaces the run's EMA (``load_workdir``);
@@ -119,9 +138,11 @@ def sample_workdir(workdir: str, output: str, *, num_samples: int, seed: int = 0
     _check_counts(num_samples, batch_size)
     npz_path, png_path = _check_output(output, overwrite)
     wd = load_workdir(workdir, ema=ema)
+    if labels is not None:
+        labels = expand_labels(labels, num_samples, wd.run.num_classes)
     images, labels = sample_images(wd, num_samples, seed=seed, sampler=sampler, num_steps=num_steps, eta=eta,
-                                   guidance_scale=guidance_scale, batch_size=batch_size, options=options,
-                                   prefix="--")
+                                   guidance_scale=guidance_scale, labels=labels, batch_size=batch_size,
+                                   options=options, prefix="--")
     run = wd.run
     arrays = {"images": images}
     if run.num_classes is not None:

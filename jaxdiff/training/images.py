@@ -1,4 +1,4 @@
-"""Images out: float samples to uint8, sample grids (labels, layout) and PNG files."""
+"""Images out: float samples to uint8 (:func:`jaxdiff.data.to_uint8`), sample grids (labels, layout) and PNG files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 from PIL import Image
+
+from jaxdiff.data import to_uint8  # the inverse of jaxdiff.data.from_uint8, beside it
 
 __all__ = ["grid_labels", "to_uint8", "make_grid", "grid_image", "save_grid"]
 
@@ -20,11 +22,6 @@ def grid_labels(num_samples: int, num_classes: int | None) -> np.ndarray:
     if num_classes is None:
         return np.zeros((num_samples,), np.int32)
     return ((np.arange(num_samples) // num_classes) % num_classes).astype(np.int32)
-
-
-def to_uint8(images) -> np.ndarray:
-    """``[-1, 1]`` floats -> uint8 ``[0, 255]`` (rounded, clipped)."""
-    return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:

@@ -170,7 +170,7 @@ def generated_features(sampling: Sampling, params, network: FeatureNetwork, *, n
         out = np.asarray(fn(replicated, idx, labels[np.minimum(idx, num_samples - 1)]))[:n]
         if not np.all(np.isfinite(out)):
             raise FloatingPointError(f"samples {start}..{start + n - 1} hold non-finite values")
-        feats = np.asarray(network.fn(imgs.to_uint8(out).astype(np.float32) / np.float32(127.5) - np.float32(1.0)))
+        feats = np.asarray(network.fn(data.from_uint8(imgs.to_uint8(out))))
         acc = fid.update_statistics(acc, feats)
         if acc.count - n < keep:
             kept.append(feats[: keep - (acc.count - n)])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -24,7 +24,7 @@ import numpy as np
 from jaxdiff import checks, guidance, samplers
 from jaxdiff.objectives import Objective
 
-__all__ = ["generate", "network", "Sampling", "check_options", "option_names"]
+__all__ = ["generate", "network", "check_overrides", "check_options", "option_names", "Sampling"]
 
 
 def option_names(names, *, prefix: str = "") -> list[str]:
@@ -134,6 +134,24 @@ def _check_conditioning(apply_fn: Callable, labels, num_classes: int | None, gui
         checks.check_int_range(labels, "labels", 0, num_classes - 1, f" (num_classes={num_classes})")
 
 
+def check_overrides(objective: Objective, num_classes: int | None, sampler: str, *, num_steps: int | None = None,
+                    eta: float | None = None, guidance_scale: float | None = None, options: Mapping | None = None,
+                    prefix: str = "") -> None:
+    """Checks settings that override a model's sampling defaults (``None``: not overridden), before any work.
+
+    ``ValueError`` naming ``prefix + setting`` (``--eta`` for a script): a sampler that does not serve
+    ``objective``, an option it does not take (``eta`` included), ``num_steps < 1``, ``eta < 0``,
+    guidance for an unconditional model (``num_classes=None``).
+    """
+    check_options(sampler, options, eta=eta, prefix=prefix)
+    opts = {**(options or {}), **({} if eta is None else {"eta": eta})}
+    objective.check_sampler(sampler, num_steps=num_steps, options=opts, prefix=prefix)
+    if eta is not None and eta < 0:
+        raise ValueError(f"{prefix}eta must be >= 0, got {eta}")
+    if guidance_scale is not None and num_classes is None:
+        raise ValueError(f"{prefix}guidance: the model is unconditional (no classifier-free guidance)")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: jax.jit(sampling) caches on it
 class Sampling:
     """A run's sampling settings bound to :func:`generate`; built (and checked) by ``Run.sampling``.
@@ -158,6 +176,14 @@ class Sampling:
         return generate(self.objective, self.apply_fn, params, key, labels, self.image_shape, sampler=self.sampler,
                         num_steps=self.num_steps, eta=self.eta, guidance_scale=self.guidance_scale,
                         num_classes=self.num_classes, clip_x0=self.clip_x0, options=dict(self.options))
+
+    def batches(self, params, key, labels, batch_size: int) -> Iterator[jax.Array]:
+        """The samples of ``labels`` ``[N]``, ``batch_size`` at a time: batch ``i`` (``labels[i * batch_size:
+        (i + 1) * batch_size]``) from ``fold_in(key, i)``, one compiled function (``jax.jit`` of this object)."""
+        labels = np.asarray(labels)
+        fn = jax.jit(self)
+        for i, start in enumerate(range(0, labels.shape[0], batch_size)):
+            yield fn(params, jax.random.fold_in(key, i), jnp.asarray(labels[start:start + batch_size]))
 
     def per_example(self, params, key, indices, labels) -> jax.Array:
         """``[B, H, W, C]``: example ``b`` from ``fold_in(key, indices[b])`` and ``labels[b]``."""

@@ -21,7 +21,7 @@ from jaxdiff.models import PRESETS, UNet, check_image_size, get_model
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
-from jaxdiff.training.sampling import Sampling, check_options, network
+from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
 __all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "get_config", "SCHEDULES",
@@ -80,13 +80,8 @@ class Run:
         sm = self.config.sample
         sampler = sampler or sm.sampler
         opts = dict(options or {})
-        check_options(sampler, opts, eta=eta, prefix=prefix)
-        self.objective.check_sampler(sampler, num_steps=num_steps,
-                                     options={**opts, **({} if eta is None else {"eta": eta})}, prefix=prefix)
-        if eta is not None and eta < 0:
-            raise ValueError(f"{prefix}eta must be >= 0, got {eta}")
-        if guidance_scale is not None and self.num_classes is None:
-            raise ValueError(f"{prefix}guidance: the model of this run is unconditional (no classifier-free guidance)")
+        check_overrides(self.objective, self.num_classes, sampler, num_steps=num_steps, eta=eta,
+                        guidance_scale=guidance_scale, options=opts, prefix=prefix)
         return Sampling(objective=self.objective, apply_fn=self.model.apply, image_shape=tuple(self.image_shape),
                         num_classes=self.num_classes, sampler=sampler,
                         num_steps=sm.num_steps if num_steps is None else num_steps,

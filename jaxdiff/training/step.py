@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import posthoc_ema
+from jaxdiff import guidance, posthoc_ema
 from jaxdiff.objectives import Objective
 from jaxdiff.training.state import TrainState
 
@@ -66,8 +66,7 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: O
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(sub[:, 1])
     y = None
     if state.num_classes is not None:
-        drop = jax.vmap(lambda k: jax.random.bernoulli(k, state.label_dropout))(sub[:, 3])
-        y = jnp.where(drop, state.num_classes, batch["label"])
+        y = guidance.drop_labels(sub[:, 3], batch["label"], state.label_dropout, state.num_classes)
 
     def loss_fn(params):
         def net(x_t, time):  # the whole batch; each example's dropout masks from its own key

@@ -1,4 +1,4 @@
-"""A trained workdir as Python objects: its config, model, schedule and EMA parameters."""
+"""A trained workdir as Python objects: its config, model, schedule and EMA parameters, and its pipeline."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ class Workdir:
     @property
     def config(self):
         return self.run.config
+
+    @property
+    def pipeline(self):
+        """The :class:`~jaxdiff.pipeline.Pipeline` of the EMA parameters with the run's ``config.sample`` defaults:
+        ``load_workdir(W).pipeline.sample(jax.random.key(s), n)`` draws ``sample_workdir(W, seed=s)``'s images."""
+        from jaxdiff.pipeline import Pipeline
+
+        return Pipeline.from_sampling(self.run.sampling(), self.ema_params)
 
 
 def load_workdir(workdir: str, ema: float | None = None) -> Workdir:
