@@ -8,6 +8,7 @@ the exact denoiser, the exact flow velocity and the exact epsilon network alike.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -95,3 +96,22 @@ def test_one_heun_solves_the_gaussian_ode_for_every_adapter(kind):
              for n in (32, 64)}
     assert 1.6 < euler[32] / euler[64] < 2.5 and euler[64] > err[64]  # first order: 2x
     assert run._cache_size() == 1  # one program for every step count
+
+
+def test_a_learned_variance_model_samples_with_a_fixed_variance_too():
+    """ddpm with variance="fixed_small" on a 2C-channel model uses the mean channels: the same samples
+    as the C-channel model alone."""
+    lin = schedules.linear_schedule(T)
+
+    def mean(x, t):
+        return 0.3 * x
+
+    def both(x, t):
+        return jnp.concatenate([mean(x, t), jnp.full_like(x, 7.0)], axis=-1)
+
+    key, shape = jax.random.key(4), (3, 4, 4, 1)
+    got, _ = samplers.sample_denoiser(eps_denoiser(lin, both, learned_variance=True), key, shape, sampler="ddpm",
+                                      num_steps=5, variance="fixed_small")
+    want, _ = samplers.sample_denoiser(eps_denoiser(lin, mean), key, shape, sampler="ddpm", num_steps=5,
+                                       variance="fixed_small")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -68,8 +68,8 @@ def sample_denoiser(denoiser: Denoiser, key, shape, *, sampler: str, num_steps=N
         model_fn, options = denoiser.model_fn, dict(options)
         if denoiser.learned_variance and spec.learned_variance:
             options.setdefault("variance", "learned_range")
-        elif denoiser.learned_variance:
-            model_fn = mean_channels(model_fn)
+        if denoiser.learned_variance and options.get("variance") != "learned_range":
+            model_fn = mean_channels(model_fn)  # a fixed variance (or a sampler without one) uses the mean only
         return sample_with_info(denoiser.schedule, model_fn, key, shape, sampler=sampler, num_steps=num_steps,
                                 prediction=denoiser.prediction, clip_x0=denoiser.clip_x0, x_T=x_T, **options)
     checks.check_key(key)
