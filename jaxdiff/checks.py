@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["is_concrete", "concrete_value", "check_key", "as_float_array", "check_finite", "check_int_range",
-           "check_nonnegative"]
+           "check_nonnegative", "check_shape", "check_callable", "shape_checked"]
 
 
 def is_concrete(x) -> bool:
@@ -87,3 +87,45 @@ def check_nonnegative(x, name: str, *, strict: bool = False):
     if v is not None and v.size and (np.any(v <= 0) if strict else np.any(v < 0)):
         raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {v.min().item()!r}")
     return x
+
+
+def check_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    """A static sample shape ``(B, ...)``: a tuple of at least 2 positive ints, the batch axis first."""
+    example = "e.g. (64, 2) for 64 samples of 2-D data, (16, 32, 32, 3) for 16 RGB images"
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"{name} must be a tuple (B, ...) of positive ints ({example}), got {shape!r}") from None
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in dims):
+        raise ValueError(f"{name} must be a tuple (B, ...) of positive ints ({example}), got {shape!r}")
+    if len(dims) < 2:
+        raise ValueError(f"{name} must be (B, ...) with the batch axis first and at least 2 entries ({example}), "
+                         f"got {shape!r}")
+    if min(dims) < 1:
+        raise ValueError(f"{name} must hold positive ints, got {shape!r}")
+    return tuple(int(s) for s in dims)
+
+
+def check_callable(fn, name: str):
+    """``fn`` must be callable (a function ``f(x, t)``): ``TypeError`` naming ``name`` otherwise."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be a callable f(x, t) -> prediction, got {type(fn).__name__} {fn!r}")
+    return fn
+
+
+def shape_checked(fn, name: str, channels: int = 1):
+    """``fn(x, t, ...)`` that raises ``ValueError`` naming ``name`` unless its output has the shape of ``x``.
+
+    ``channels``: the output's last axis is ``channels`` times that of ``x`` (2: a learned variance).
+    The check looks at static shapes, so it costs nothing under ``jit``.
+    """
+
+    def checked(x, t, *args):
+        out = fn(x, t, *args)
+        want = tuple(x.shape[:-1]) + (channels * x.shape[-1],)
+        if tuple(jnp.shape(out)) != want:
+            raise ValueError(f"{name} returned shape {tuple(jnp.shape(out))} for an input of shape {tuple(x.shape)}; "
+                             f"it must return {want}")
+        return out
+
+    return checked

@@ -102,6 +102,7 @@ def sample_with_info(model_fn: Callable, key, shape, *, method: str = "euler", n
         checks.check_key(key)
     elif key is None:
         key = jax.random.key(0)  # unused: euler and heun without churn draw nothing
+    model_fn = checks.shape_checked(checks.check_callable(model_fn, "model_fn"), "model_fn")
     return sample_denoiser(velocity_denoiser(model_fn), key, shape, sampler=method, num_steps=num_steps, x_T=x1,
                            **options)
 
