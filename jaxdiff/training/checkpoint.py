@@ -14,9 +14,12 @@ that resumes behind a damaged step moves it aside with :func:`set_aside` (to
 A damaged step fails in one of the many reads orbax runs concurrently in a fresh event loop,
 which it closes as soon as that read fails; the reads still in flight then complete into the
 closed loop, and tensorstore reports each one as an unraisable ``RuntimeError: Event loop is
-closed`` (dozens of tracebacks after the one useful message). Restoring therefore installs, once
-per process, a ``sys.unraisablehook`` that drops exactly those reports and passes every other
-one to the hook it replaced (:func:`quiet_orphaned_reads`).
+closed`` (dozens of tracebacks after the one useful message), and asyncio logs the other failed
+reads as "exception was never retrieved". Restoring therefore installs, once per process, a
+``sys.unraisablehook`` that drops exactly those reports (passing every other one to the hook it
+replaced) and a filter on the ``asyncio`` logger that drops the unretrieved tensorstore read
+errors (:func:`quiet_orphaned_reads`); the damage itself is reported once, by the warning or the
+``ValueError`` of :func:`restore_newest`.
 """
 
 from __future__ import annotations
@@ -64,11 +67,23 @@ def _is_orphaned_read(unraisable) -> bool:
     return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
-def quiet_orphaned_reads() -> None:
-    """Drops the "Event loop is closed" reports of reads left in flight by a failed restore (module docstring).
+class _UnretrievedReads(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of failed tensorstore reads."""
 
-    Idempotent; every other unraisable exception still reaches the previous ``sys.unraisablehook``.
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in record.getMessage() and "tensorstore_spec" in str(error))
+
+
+def quiet_orphaned_reads() -> None:
+    """Drops the reports of reads left in flight by a failed restore (module docstring).
+
+    Idempotent; every other unraisable exception still reaches the previous ``sys.unraisablehook``
+    and every other asyncio record its handlers.
     """
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReads())
     previous = sys.unraisablehook
     if getattr(previous, "_drops_orphaned_reads", False):
         return
