@@ -32,7 +32,7 @@ def network(apply_fn: Callable, params, labels, *, num_classes: int | None, guid
     """``net(x [N, ...], time [N]) -> [N, ...]``: the model with ``params`` and ``labels`` ``[N]`` bound.
 
     A class-conditional model (``num_classes`` set) is guided with the library's one formula
-    (:func:`jaxdiff.guidance.classifier_free_guidance`, scale ``guidance_scale``; ``1``: the
+    (:func:`jaxdiff.guidance.classifier_free_guidance`, scale ``guidance_scale >= 0``; ``1``: the
     conditional model) on its first ``guided_channels`` output channels; an unconditional one
     ignores ``labels`` but their number.
     """
@@ -61,7 +61,7 @@ def generate(objective: Objective, apply_fn: Callable, params, key, labels, imag
       sampler: a name in :data:`jaxdiff.samplers.SAMPLERS` that serves ``objective``
         (``objective.sampler_names()``).
       eta: forwarded only to samplers that take it (``ddim``, ``euler_ancestral``); must be >= 0.
-      guidance_scale: classifier-free guidance scale ``w`` of a class-conditional model
+      guidance_scale: classifier-free guidance scale ``w >= 0`` of a class-conditional model
         (1 = the conditional model); a concrete value other than 1 on an unconditional model raises.
         Guidance combines the network's outputs, which is the same affine combination of the
         denoiser's for every objective.
@@ -77,6 +77,7 @@ def generate(objective: Objective, apply_fn: Callable, params, key, labels, imag
     spec = objective.check_sampler(sampler, options=options)
     _check_conditioning(apply_fn, labels, num_classes, guidance_scale)
     checks.check_nonnegative(eta, "eta")
+    checks.check_nonnegative(guidance_scale, "guidance_scale")
     c = image_shape[-1]
     net = network(apply_fn, params, labels, num_classes=num_classes, guidance_scale=guidance_scale,
                   guided_channels=c)

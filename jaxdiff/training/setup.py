@@ -74,7 +74,7 @@ class Run:
         """The run's sampling function: ``config.sample`` with the overrides that are not None.
 
         Checked now, before any work (``ValueError`` naming ``prefix + setting``): a sampler that does
-        not serve the objective, an option it does not take, ``eta < 0``, guidance on an
+        not serve the objective, an option it does not take, ``eta < 0``, guidance below 0 or on an
         unconditional model. Every caller that draws samples of a run uses it.
         """
         sm = self.config.sample
@@ -84,6 +84,8 @@ class Run:
                                      options={**opts, **({} if eta is None else {"eta": eta})}, prefix=prefix)
         if eta is not None and eta < 0:
             raise ValueError(f"{prefix}eta must be >= 0, got {eta}")
+        if guidance_scale is not None and guidance_scale < 0:
+            raise ValueError(f"{prefix}guidance must be >= 0, got {guidance_scale}")
         if guidance_scale is not None and self.num_classes is None:
             raise ValueError(f"{prefix}guidance: the model of this run is unconditional (no classifier-free guidance)")
         return Sampling(objective=self.objective, apply_fn=self.model.apply, image_shape=tuple(self.image_shape),
@@ -133,6 +135,8 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
     objective.check_sampler(sm.sampler, num_steps=None if adaptive else sm.num_steps, prefix="config.sample.")
     if sm.eta < 0:
         _fail("sample.eta", sm.eta, "must be >= 0")
+    if sm.guidance < 0:
+        _fail("sample.guidance", sm.guidance, "must be >= 0")
     if sm.guidance != 1.0 and not md.class_conditional:
         _fail("sample.guidance", sm.guidance, "must be 1 for an unconditional model (model.class_conditional=False)")
     if sm.num_samples <= 0:
