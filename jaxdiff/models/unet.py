@@ -140,8 +140,11 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: x must be [B, H, W, C], got shape {x.shape}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"UNet: t must have shape [B]=({x.shape[0]},), got shape {t.shape}")
-        check_image_size(x.shape[1], self.ch_mult)
-        check_image_size(x.shape[2], self.ch_mult)
+        try:
+            check_image_size(x.shape[1], self.ch_mult)
+            check_image_size(x.shape[2], self.ch_mult)
+        except ValueError as error:
+            raise ValueError(f"UNet: {error}{checks.layout_hint(x.shape)}") from None
         if y is not None:
             if self.num_classes is None:
                 raise ValueError("UNet: labels y were given but the model has num_classes=None")
