@@ -70,7 +70,8 @@ def check_images(images, name: str = "images") -> np.ndarray:
         raise ValueError(f"{name} must be uint8 in [0, 255] (as pytorch-fid reads image files), got dtype "
                          f"{arr.dtype}{hint}")
     if arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels (NHWC), got shape {arr.shape}{checks.layout_hint(arr.shape)}")
+        raise ValueError(f"{name} must have 1 or 3 channels (NHWC), got shape {arr.shape}"
+                         f"{checks.layout_hint(arr.shape)}")
     if arr.shape[1] < 1 or arr.shape[2] < 1:
         raise ValueError(f"{name} must have a non-empty image size, got shape {arr.shape}")
     return arr
