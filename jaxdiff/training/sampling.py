@@ -77,7 +77,6 @@ def generate(objective: Objective, apply_fn: Callable, params, key, labels, imag
     spec = objective.check_sampler(sampler, options=options)
     _check_conditioning(apply_fn, labels, num_classes, guidance_scale)
     checks.check_nonnegative(eta, "eta")
-    checks.check_nonnegative(guidance_scale, "guidance_scale")
     c = image_shape[-1]
     net = network(apply_fn, params, labels, num_classes=num_classes, guidance_scale=guidance_scale,
                   guided_channels=c)
