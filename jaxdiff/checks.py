@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["is_concrete", "concrete_value", "check_key", "as_float_array", "check_finite", "check_int_range",
-           "check_nonnegative"]
+           "check_nonnegative", "check_shape", "check_callable", "shape_checked", "check_data", "layout_hint"]
 
 
 def is_concrete(x) -> bool:
@@ -87,3 +87,79 @@ def check_nonnegative(x, name: str, *, strict: bool = False):
     if v is not None and v.size and (np.any(v <= 0) if strict else np.any(v < 0)):
         raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {v.min().item()!r}")
     return x
+
+
+def check_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    """A static sample shape ``(B, ...)``: a tuple of at least 2 positive ints, the batch axis first."""
+    example = "e.g. (64, 2) for 64 samples of 2-D data, (16, 32, 32, 3) for 16 RGB images"
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"{name} must be a tuple (B, ...) of positive ints ({example}), got {shape!r}") from None
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in dims):
+        raise ValueError(f"{name} must be a tuple (B, ...) of positive ints ({example}), got {shape!r}")
+    if len(dims) < 2:
+        raise ValueError(f"{name} must be (B, ...) with the batch axis first and at least 2 entries ({example}), "
+                         f"got {shape!r}")
+    if min(dims) < 1:
+        raise ValueError(f"{name} must hold positive ints, got {shape!r}")
+    return tuple(int(s) for s in dims)
+
+
+def check_callable(fn, name: str):
+    """``fn`` must be callable (a function ``f(x, t)``): ``TypeError`` naming ``name`` otherwise."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be a callable f(x, t) -> prediction, got {type(fn).__name__} {fn!r}")
+    return fn
+
+
+def shape_checked(fn, name: str, channels: int = 1):
+    """``fn(x, t, ...)`` that raises ``ValueError`` naming ``name`` unless its output has the shape of ``x``.
+
+    ``channels``: the output's last axis is ``channels`` times that of ``x`` (2: a learned variance).
+    The check looks at static shapes, so it costs nothing under ``jit``.
+    """
+
+    def checked(x, t, *args):
+        out = fn(x, t, *args)
+        want = tuple(x.shape[:-1]) + (channels * x.shape[-1],)
+        if tuple(jnp.shape(out)) != want:
+            raise ValueError(f"{name} returned shape {tuple(jnp.shape(out))} for an input of shape {tuple(x.shape)}; "
+                             f"it must return {want}")
+        return out
+
+    return checked
+
+
+def layout_hint(shape) -> str:
+    """A hint for what looks like an NCHW batch (axis 1 of size 1 or 3, a large last axis), else ``""``.
+
+    Appended to the messages about image sizes and channels: every image in the library is NHWC.
+    """
+    shape = tuple(shape)
+    if len(shape) == 4 and shape[1] in (1, 3) and shape[3] > 4:
+        return (f"; images are NHWC [B, H, W, C], and shape {shape} looks like NCHW: "
+                f"pass x.transpose(0, 2, 3, 1)")
+    return ""
+
+
+def check_data(x, name: str = "x0") -> jax.Array:
+    """Training data ``x`` as a float array (:func:`as_float_array`), refusing what looks like ``[0, 255]`` images.
+
+    Float data are taken as they are (float64 becomes float32 unless ``jax_enable_x64`` is on, as
+    everywhere in JAX). A concrete batch of images ``[B, H, W, C]`` whose values are all ``>= 0``
+    and reach above 1.5 is the pixels of image files, not data scaled to ``[-1, 1]``: ``ValueError``
+    naming ``name`` (traced values pass). Integer arrays (uint8 pixels) are refused by
+    :func:`as_float_array`.
+    """
+    if getattr(x, "dtype", None) is not None and np.issubdtype(np.dtype(x.dtype), np.integer) and jnp.ndim(x) == 4:
+        raise ValueError(f"{name} must be float images in [-1, 1], got dtype {np.dtype(x.dtype)} "
+                         f"(uint8 pixels: pass x / 127.5 - 1)")
+    arr = as_float_array(x, name)
+    v = concrete_value(arr) if arr.ndim == 4 and arr.size else None
+    if v is not None:
+        lo, hi = float(v.min()), float(v.max())
+        if lo >= 0.0 and hi > 1.5:
+            raise ValueError(f"{name} must be images scaled to [-1, 1], got values in [{lo:.4g}, {hi:.4g}], which "
+                             f"looks like [0, 255] pixels: pass x / 127.5 - 1")
+    return arr

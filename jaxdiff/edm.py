@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import checks
 from jaxdiff import denoiser as den
 from jaxdiff.denoiser import denoiser_from_eps  # re-exported: the VP / VE columns of Table 1 for any jaxdiff model
 from jaxdiff.diffusion import bcast, karras_sigma, t_from_sigma
@@ -190,12 +191,14 @@ def edm_loss(denoiser_fn: Denoiser, x0: jax.Array, key: jax.Array, *, sigma_data
     Args:
       denoiser_fn: ``D(x [B, ...], sigma [B]) -> [B, ...]`` (e.g. :func:`precondition` of a network;
         close over labels for a conditional one).
-      x0: ``[B, ...]`` clean data. sigma: optional ``[B]`` noise levels. noise: optional unit
-        normal noise like ``x0`` (scaled by ``sigma`` here).
+      x0: ``[B, ...]`` clean data (images in ``[-1, 1]``, :func:`jaxdiff.checks.check_data`).
+      sigma: optional ``[B]`` noise levels. noise: optional unit normal noise like ``x0`` (scaled
+        by ``sigma`` here).
     Returns: the scalar loss (the mean over examples of ``lambda(sigma_b)`` times the mean squared
       error over the other axes), and metrics ``{"loss", "mse"`` (the same weighted error, as
       :func:`jaxdiff.losses.diffusion_loss`), ``"x0_mse"`` (unweighted)``}``.
     """
+    x0 = checks.check_data(x0, "x0")
     b = x0.shape[0]
     keys = jax.vmap(jax.random.split)(_example_keys(key, b))  # [B, 2]
     if sigma is None:

@@ -60,11 +60,12 @@ def flow_matching_loss(model_fn: Callable, x0: jax.Array, key: jax.Array, *, t: 
                        noise: jax.Array | None = None):
     """Conditional flow-matching loss ``E ||model_fn(x_t, t) - (eps - x0)||^2`` (mean over all axes).
 
+    ``x0``: ``[B, ...]`` clean data (images in ``[-1, 1]``, :func:`jaxdiff.checks.check_data`).
     ``t ~ U[0, 1)`` ``[B]`` and ``noise ~ N(0, I)`` are drawn from ``key`` unless given.
     Returns ``(loss, {"loss", "mse", "target_norm"})``.
     """
     checks.check_key(key)
-    x0 = checks.as_float_array(x0, "x0")
+    x0 = checks.check_data(x0, "x0")
     if t is not None and jnp.shape(t) != (x0.shape[0],):
         raise ValueError(f"t must have shape [B]={x0.shape[:1]}, got {jnp.shape(t)}")
     if noise is not None and noise.shape != x0.shape:
@@ -102,6 +103,7 @@ def sample_with_info(model_fn: Callable, key, shape, *, method: str = "euler", n
         checks.check_key(key)
     elif key is None:
         key = jax.random.key(0)  # unused: euler and heun without churn draw nothing
+    model_fn = checks.shape_checked(checks.check_callable(model_fn, "model_fn"), "model_fn")
     return sample_denoiser(velocity_denoiser(model_fn), key, shape, sampler=method, num_steps=num_steps, x_T=x1,
                            **options)
 

@@ -50,7 +50,8 @@ def classifier_free_guidance(model_fn: Callable, labels, null_label: int, guidan
         batch of the ``x_t`` the wrapper is called with (``ValueError`` otherwise). Concrete labels
         must be ``>= 0``: JAX indexing wraps a negative label (for the UNet, -1 is the null label).
       null_label: the label of the unconditional model (``num_classes`` for :class:`jaxdiff.models.UNet`).
-      guidance_scale: ``w``, a float or a traced scalar.
+      guidance_scale: ``w >= 0``, a float or a traced scalar (a concrete ``w < 0``, which would
+        steer away from the class, raises ``ValueError``).
       batched: evaluate the conditional and unconditional outputs in one call on a ``[2B, ...]``
         batch (faster on accelerators) instead of two calls on ``[B, ...]``.
       guided_channels: guide only the first ``guided_channels`` output channels and take the
@@ -61,6 +62,7 @@ def classifier_free_guidance(model_fn: Callable, labels, null_label: int, guidan
     if labels.ndim > 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be a [B] int array or an int, got shape {labels.shape} and dtype {labels.dtype}")
     checks.check_nonnegative(labels, "labels")
+    checks.check_nonnegative(guidance_scale, "guidance_scale")
 
     def fn(x_t, t):
         if labels.ndim == 1 and labels.shape[0] != x_t.shape[0]:

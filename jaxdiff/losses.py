@@ -116,14 +116,15 @@ def diffusion_loss(
     stop-gradient on the mean, so it trains the variance only).
 
     Args:
-      x0: ``[B, ...]`` clean data (a nested list is converted). key: a PRNG key.
+      x0: ``[B, ...]`` clean data (a nested list is converted; images in ``[-1, 1]``: a concrete image
+        batch that looks like ``[0, 255]`` pixels raises, :func:`jaxdiff.checks.check_data`). key: a PRNG key.
       t: optional ``[B]`` int timesteps in ``{0..T-1}``. noise: optional noise like ``x0``.
     Returns: scalar loss, and metrics ``{"loss", "mse"[, "vlb"]}`` (scalars).
     """
     _check_choice(weighting, WEIGHTINGS, "weighting")
     d.check_prediction(prediction)
     checks.check_key(key)
-    x0 = checks.as_float_array(x0, "x0")
+    x0 = checks.check_data(x0, "x0")
     checks.check_nonnegative(min_snr_gamma, "min_snr_gamma", strict=True)
     k_t, k_n = jax.random.split(key)
     b = x0.shape[0]

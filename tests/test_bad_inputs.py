@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +24,17 @@ import numpy as np
 import pytest
 
 from jaxdiff import diffusion as d
-from jaxdiff import flow, guidance, likelihood, losses, objectives, samplers
+from jaxdiff import edm, flow, guidance, likelihood, losses, objectives, samplers
 from jaxdiff.denoiser import Denoiser, eps_denoiser
+from jaxdiff.metrics import digits, fid, inception_input
 from jaxdiff.models import UNet
 from jaxdiff.samplers import registry
 from jaxdiff.schedules import linear_schedule
+from jaxdiff.training import checkpoint, sampling, setup
 from jaxdiff.training.evaluate import check_eval_output, write_eval
 from jaxdiff.training.generate import generate, sample_workdir
 
-from training_utils import subprocess_env
+from training_utils import subprocess_env, tiny_config
 
 T = 10
 SCHED = linear_schedule(T, 1e-3, 0.2)
@@ -71,6 +76,24 @@ def _generate(apply_fn, labels, **kw):
 def _cfg(labels, batch=2, **kw):
     fn = guidance.classifier_free_guidance(cond_model, labels, NUM_CLASSES, 2.0, **kw)
     return fn(X[:batch] if batch <= 2 else jnp.concatenate([X] * 2)[:batch], jnp.zeros((batch,), jnp.int32))
+
+
+PIXELS = (X + 1.0) * 127.5  # float images in [0, 255]: the pixels of image files, not data in [-1, 1]
+
+
+def _edm_loss(x0):
+    return edm.edm_loss(lambda x, sigma: x, x0, KEY)
+
+
+def _digits_features(images):
+    return digits.load_digits_features()(images)
+
+
+def _config(**sample):
+    config = tiny_config()
+    for k, v in sample.items():
+        config.sample[k] = v
+    return config
 
 
 # (id, call, exception type, words the message must contain)
@@ -148,6 +171,54 @@ CASES = [
     ("q_sample ragged list x0", lambda: d.q_sample(SCHED, [[1.0, 2.0], [3.0]], T_OK, NOISE), ValueError, ["x0"]),
     ("diffusion_loss int array x0", lambda: losses.diffusion_loss(SCHED, eps_model, np.ones((2, 4), np.int32), KEY),
      ValueError, ["x0", "floating", "int32"]),
+    # the sampler's arguments: shape, model_fn, the model's output shape
+    ("sample shape=(64,) for 2-D data", lambda: samplers.sample(SCHED, eps_model, KEY, (64,)), ValueError,
+     ["shape", "batch axis", "(64,)"]),
+    ("sample shape with a 0", lambda: samplers.sample(SCHED, eps_model, KEY, (2, 0)), ValueError,
+     ["shape", "positive", "(2, 0)"]),
+    ("sample shape an int", lambda: samplers.sample(SCHED, eps_model, KEY, 64, sampler="heun"), ValueError,
+     ["shape", "tuple", "64"]),
+    ("sample model_fn=None", lambda: samplers.sample(SCHED, None, KEY, X.shape), TypeError,
+     ["model_fn", "callable", "NoneType"]),
+    ("sample heun model_fn=None", lambda: samplers.sample(SCHED, None, KEY, X.shape, sampler="heun"), TypeError,
+     ["model_fn", "callable"]),
+    ("sample model output of another shape",
+     lambda: samplers.sample(SCHED, lambda x, t: x[..., :1, :], KEY, X.shape, sampler="dpm_solver++"), ValueError,
+     ["model_fn returned shape (2, 4, 1, 1)", "(2, 4, 4, 1)"]),
+    ("sample_denoiser of a function", lambda: samplers.sample_denoiser(eps_model, KEY, X.shape, sampler="euler"),
+     TypeError, ["denoiser", "Denoiser", "function"]),
+    ("sample_denoiser shape=(8,)", lambda: samplers.sample_denoiser(Denoiser(lambda x, s: x), KEY, (8,),
+                                                                    sampler="euler"), ValueError, ["shape", "(8,)"]),
+    ("flow.sample model_fn=None", lambda: flow.sample(None, KEY, X.shape, num_steps=2), TypeError, ["model_fn"]),
+    # guidance below 0
+    ("cfg guidance_scale<0", lambda: guidance.classifier_free_guidance(cond_model, jnp.array([0, 1]), NUM_CLASSES,
+                                                                       -1.0), ValueError, ["guidance_scale", "-1.0"]),
+    ("network guidance_scale<0", lambda: sampling.network(NET.apply, {}, jnp.array([0, 1]), num_classes=NUM_CLASSES,
+                                                          guidance_scale=-2.0), ValueError, ["guidance_scale", "-2.0"]),
+    ("generate guidance_scale<0", lambda: _generate(NET.apply, [0, 1], guidance_scale=-0.5), ValueError,
+     ["guidance_scale", "-0.5"]),
+    ("config sample.guidance<0", lambda: setup.validate_config(_config(guidance=-1.0)), ValueError,
+     ["sample.guidance", "-1.0", ">= 0"]),
+    # data on the wrong scale or of the wrong type
+    ("diffusion_loss x0 in [0, 255]", lambda: losses.diffusion_loss(SCHED, eps_model, PIXELS, KEY), ValueError,
+     ["x0", "[0, 255]", "x / 127.5 - 1"]),
+    ("flow_matching_loss x0 in [0, 255]", lambda: flow.flow_matching_loss(eps_model, PIXELS, KEY), ValueError,
+     ["x0", "[0, 255]"]),
+    ("edm_loss x0 in [0, 255]", lambda: _edm_loss(PIXELS), ValueError, ["x0", "[0, 255]"]),
+    ("diffusion_loss uint8 images", lambda: losses.diffusion_loss(SCHED, eps_model, np.zeros((2, 4, 4, 1), np.uint8),
+                                                                   KEY), ValueError, ["x0", "uint8", "127.5"]),
+    ("edm_loss int images", lambda: _edm_loss(np.zeros((2, 4, 4, 1), np.int32)), ValueError, ["x0", "int32"]),
+    ("digits features on floats in [0, 1]", lambda: _digits_features(np.full((4, 8, 8, 1), 0.5, np.float32)),
+     ValueError, ["float in [-1, 1] or uint8", "[0, 1]", "2 x - 1"]),
+    ("digits features on NCHW", lambda: _digits_features(np.zeros((4, 1, 8, 8), np.float32)), ValueError,
+     ["[N, 8, 8, 1]", "NHWC", "NCHW"]),
+    ("inception on float images", lambda: inception_input.check_images(np.zeros((2, 8, 8, 3), np.float32)),
+     ValueError, ["uint8 in [0, 255]", "float32", "to_uint8"]),
+    ("inception on NCHW", lambda: inception_input.check_images(np.zeros((2, 3, 32, 32), np.uint8)), ValueError,
+     ["1 or 3 channels", "NHWC [B, H, W, C]", "looks like NCHW"]),
+    ("UNet on NCHW", lambda: jax.eval_shape(NET.clone(ch_mult=(1, 2)).init, KEY, jnp.zeros((2, 1, 28, 28)),
+                                            jnp.zeros((2,)), jnp.zeros((2,), jnp.int32)), ValueError,
+     ["image_size=1", "NHWC [B, H, W, C]", "(2, 1, 28, 28) looks like NCHW"]),
     # outputs that would be lost: checked before the workdir is even read
     ("sample_workdir eta<0", lambda: sample_workdir("/nonexistent", "/tmp/x.npz", num_samples=1, eta=-1.0),
      ValueError, ["--eta", "-1.0"]),
@@ -171,6 +242,81 @@ def test_list_x0_is_converted():
     np.testing.assert_allclose(d.q_sample(SCHED, x0.tolist(), t.tolist(), NOISE), want, rtol=1e-5, atol=1e-6)
     loss, _ = losses.diffusion_loss(SCHED, lambda x, t: jnp.zeros_like(x), x0.tolist(), KEY, noise=NOISE)
     np.testing.assert_allclose(float(loss), np.mean(np.asarray(NOISE, np.float64) ** 2), rtol=1e-5)
+
+
+def test_frechet_distance_warns_when_there_are_no_more_samples_than_dimensions():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((10, 64)), rng.standard_normal((200, 64))
+    with pytest.warns(UserWarning, match=r"N=10 features in D=64 dimensions is rank-deficient"):
+        fid.frechet_distance(a, b)
+    with pytest.warns(UserWarning, match=r"N=64 features in D=64"):
+        fid.feature_statistics(rng.standard_normal((64, 64)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fid.feature_statistics(rng.standard_normal((65, 64)))  # N > D: no warning
+
+
+def _affine_eps(dtype):
+    """``eps(x, t) = 0.2 x + 0.05 sin(t / 7)``, computed in ``dtype`` (float64 needs jax_enable_x64)."""
+
+    def fn(x, t):
+        out = 0.2 * x.astype(dtype) + 0.05 * jnp.sin(t.astype(dtype) / 7.0).reshape(-1, 1, 1, 1)
+        assert out.dtype == dtype  # the model really returns dtype
+        return out
+
+    return fn
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 4), ("heun", 3), ("dpm_solver++", 4), ("ddpm", None),
+                                            ("pc", 3), ("ode", None)])
+def test_a_float64_model_samples_as_its_float32_version(sampler, steps):
+    """Each step's result is cast to the float32 carry (the samplers' documented conversion)."""
+    kw = {} if steps is None else {"num_steps": steps}
+    want = samplers.sample(SCHED, _affine_eps(jnp.float32), KEY, X.shape, sampler=sampler, **kw)
+    with jax.enable_x64(True):
+        got = samplers.sample(SCHED, _affine_eps(jnp.float64), KEY, X.shape, sampler=sampler, **kw)
+    assert got.dtype == jnp.float32 and want.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_flow_and_edm_samplers_take_a_float64_model():
+    velocity = lambda x, t: (0.5 * x).astype(x.dtype)
+    want = flow.sample(velocity, KEY, X.shape, method="heun", num_steps=3)
+    with jax.enable_x64(True):
+        got = flow.sample(lambda x, t: (0.5 * x).astype(jnp.float64), KEY, X.shape, method="heun", num_steps=3)
+        sigmas = jnp.array([2.0, 0.5, 0.0])
+        x64 = edm.sample(Denoiser(lambda x, s: (0.5 * x).astype(jnp.float64)), jnp.asarray(X), sigmas)
+    x32 = edm.sample(Denoiser(lambda x, s: 0.5 * x), jnp.asarray(X), jnp.array([2.0, 0.5, 0.0]))
+    assert got.dtype == x64.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x64), np.asarray(x32), rtol=1e-5, atol=1e-5)
+
+
+def test_orphaned_reads_of_a_failed_restore_are_quiet_and_nothing_else(monkeypatch, caplog):
+    """What a restore leaves behind when one of its concurrent reads fails (checkpoint's module docstring)."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    checkpoint.quiet_orphaned_reads()
+    checkpoint.quiet_orphaned_reads()  # idempotent: one wrapper
+
+    class Raises:
+        def __init__(self, message):
+            self.message = message
+
+        def __del__(self):
+            raise RuntimeError(self.message)
+
+    Raises("Event loop is closed")
+    Raises("something else")
+    assert seen == ["something else"]
+    log = logging.getLogger("asyncio")
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    for text in ('OUT_OF_RANGE: Error reading "x" [tensorstore_spec=...]', "a bug elsewhere"):
+        try:
+            raise ValueError(text)
+        except ValueError:
+            log.error("Future exception was never retrieved", exc_info=True)
+    assert [r.exc_info[1].args[0] for r in caplog.records] == ["a bug elsewhere"]
 
 
 # --------------------------------------------------------------------------- traced values: the documented rules
@@ -313,6 +459,24 @@ def test_sample_script_refuses_to_overwrite_and_names_the_flag(tmp_path):
     assert out.read_bytes() == b"earlier samples"
     proc = _script("sample.py", f"--workdir={workdir}", f"--output={out}", "--num_samples=2", "--eta=-1")
     assert proc.returncode == 1 and "error: --eta must be >= 0, got -1.0" in proc.stderr
+    proc = _script("sample.py", f"--workdir={workdir}", f"--output={tmp_path / 'new.npz'}", "--guidance=-1")
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --guidance must be >= 0, got -1.0"
+
+
+@pytest.mark.slow
+def test_a_damaged_workdir_is_one_error_line(tiny_workdir, tmp_path):
+    """Every checkpoint's data truncated: one warning per step, then one error: line, no traceback."""
+    workdir = shutil.copytree(tiny_workdir, tmp_path / "w")
+    for folder, _, files in os.walk(workdir / "checkpoints"):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.sep + "d" + os.sep in path:  # the array data, not the metadata
+                os.truncate(path, os.path.getsize(path) // 2)
+    proc = _script("sample.py", f"--workdir={workdir}", f"--output={tmp_path / 's.npz'}", "--num_samples=2")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "restores completely" in errors[0]
 
 
 @pytest.mark.slow

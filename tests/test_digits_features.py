@@ -50,7 +50,9 @@ def test_features_shape_and_batch_independence(features, split):
 
 
 @pytest.mark.parametrize("images, match", [
-    (np.zeros((4, 8, 8, 1), np.uint8), "float"),
+    (np.zeros((4, 8, 8, 1), np.int32), "float in \\[-1, 1\\] or uint8"),
+    (np.full((4, 8, 8, 1), 0.5, np.float32), "looks like \\[0, 1\\]"),
+    (np.zeros((4, 1, 8, 8), np.float32), "looks like NCHW"),
     (np.zeros((4, 8, 8), np.float32), r"\[N, 8, 8, 1\]"),
     (np.full((4, 8, 8, 1), 255.0, np.float32), r"\[-1, 1\]"),
     (np.full((4, 8, 8, 1), np.nan, np.float32), "non-finite"),
@@ -58,6 +60,13 @@ def test_features_shape_and_batch_independence(features, split):
 def test_features_reject_other_inputs(features, images, match):
     with pytest.raises(ValueError, match=match):
         features(images)
+
+
+def test_uint8_images_are_the_float_ones_scaled(features, split):
+    """uint8 pixels p are the float images p / 127.5 - 1 (the data's scaling), so the features agree."""
+    pixels = np.rint((split["heldout"][:20].astype(np.float64) + 1.0) * 127.5).astype(np.uint8)
+    np.testing.assert_allclose(features(pixels), features((pixels / 127.5 - 1.0).astype(np.float32)),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_digits_fd_floor_is_far_below_noise(split):

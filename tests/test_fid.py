@@ -100,6 +100,7 @@ def test_frechet_distance_matches_pytorch_fid_formula(seed):
     np.testing.assert_allclose(fid.frechet_distance(jnp.asarray(a32), jnp.asarray(b32)), expected32, rtol=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:the covariance of N=.*rank-deficient")  # singular on purpose
 def test_frechet_distance_with_singular_covariances_matches_pytorch_fid_formula():
     """Fewer samples than dimensions and dead ReLU units, as with Inception features of small sets."""
     rng = np.random.default_rng(12)
@@ -119,6 +120,7 @@ def test_frechet_distance_of_commuting_gaussians_is_analytic():
                                rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:the covariance of N=.*rank-deficient")  # singular on purpose
 @pytest.mark.parametrize("n, d", [(200, 10), (20, 64)])  # the second: singular covariance
 def test_frechet_distance_of_a_set_with_itself_is_zero(n, d):
     x = np.random.default_rng(3).normal(size=(n, d)) * 3 + 5

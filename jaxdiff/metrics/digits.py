@@ -13,8 +13,10 @@ penultimate features instead (64-dimensional, after a ReLU, like Inception's poo
 
   (Adam, seed 0, 40 epochs of batch 64; ``--report`` prints the figures below). 38,282
   parameters (154 kB); 99.2% accuracy on the held-out digits.
-* :func:`load_digits_features` maps images ``float [N, 8, 8, 1]`` in [-1, 1] (the
-  convention of :mod:`jaxdiff.data` and the samplers) to features ``[N, 64]``.
+* :func:`load_digits_features` maps images ``[N, 8, 8, 1]``, float in [-1, 1] (the
+  convention of :mod:`jaxdiff.data` and the samplers) or uint8 in [0, 255] (converted as
+  ``x / 127.5 - 1``), to features ``[N, 64]``. Floats that all lie in ``[0, 1]`` are refused
+  (``ValueError``): they are the other scaling, and would give a wrong distance.
 * :func:`digits_fd` gives the Frechet distance of generated images to the real digits,
   with the *floor*: the distance real digits of the other split reach with the same count.
   Against the held-out digits the floor is 8.4 with 360 images and 5.6 with 1,000; 1,000
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxdiff import checks
 from jaxdiff.metrics import fid
 
 __all__ = [
@@ -157,22 +160,33 @@ def load_params(path: str | os.PathLike | None = None) -> dict:
     return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in tensors.items()}, sep="/")
 
 
+_CONVENTION = "float in [-1, 1] or uint8 in [0, 255]"
+
+
 def _check_images(images) -> np.ndarray:
+    """``images`` [N, 8, 8, 1] as float32 in [-1, 1]: floats as they are, uint8 as ``x / 127.5 - 1``."""
     x = np.asarray(images)
-    if x.ndim != 4 or x.shape[1:] != (8, 8, 1) or not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"images must be float [N, 8, 8, 1] in [-1, 1], got {x.dtype} {x.shape}")
+    if x.ndim != 4 or x.shape[1:] != (8, 8, 1) or not (np.issubdtype(x.dtype, np.floating) or x.dtype == np.uint8):
+        raise ValueError(f"images must be [N, 8, 8, 1], {_CONVENTION}, got {x.dtype} {x.shape}"
+                         f"{checks.layout_hint(x.shape)}")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # as digits_split scales the real ones
     if not np.all(np.isfinite(x)):
         raise ValueError("images hold non-finite values")
     if x.size and (x.min() < -1.001 or x.max() > 1.001):
-        raise ValueError(f"images must lie in [-1, 1] (clip samples first), got [{x.min():.3g}, {x.max():.3g}]")
+        raise ValueError(f"images must be {_CONVENTION} (clip float samples first), got floats in "
+                         f"[{x.min():.3g}, {x.max():.3g}]")
+    if x.size and x.min() >= 0.0:
+        raise ValueError(f"images must be {_CONVENTION}; got floats in [{x.min():.3g}, {x.max():.3g}], which looks "
+                         f"like [0, 1]: pass 2 x - 1")
     return x.astype(np.float32)
 
 
 def load_digits_features(path: str | os.PathLike | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A function ``images: float [N, 8, 8, 1] in [-1, 1] -> features: float32 [N, 64]``.
+    """A function ``images: [N, 8, 8, 1] -> features: float32 [N, 64]``, images float in [-1, 1] or uint8.
 
     Runs in padded batches of 512 (one compilation); raises ValueError for other shapes,
-    dtypes or a range beyond [-1, 1].
+    dtypes, floats beyond [-1, 1] or floats that all lie in [0, 1].
     """
     params = load_params(path)
     apply = jax.jit(functools.partial(DigitsClassifier().apply, return_features=True))
@@ -197,7 +211,7 @@ def _network(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, n
 def digits_fd(images, reference: str = "heldout", *, seed: int = 0, weights: str | os.PathLike | None = None) -> dict:
     """Frechet distance in the classifier's features between ``images`` and real digits.
 
-    ``images``: float ``[N, 8, 8, 1]`` in [-1, 1], ``N >= 2``. ``reference``: ``"heldout"``
+    ``images``: ``[N, 8, 8, 1]``, float in [-1, 1] or uint8, ``N >= 2``. ``reference``: ``"heldout"``
     (360 digits the classifier never saw) or ``"train"`` (1,437). Returns ``{"fd", "floor",
     "num_images", "floor_count", "reference"}``, where ``floor`` is the distance of
     ``floor_count = min(N, size of the other split)`` real digits of the *other* split

@@ -5,7 +5,8 @@ Every function takes features ``[N, D]`` (NumPy or JAX arrays) from one feature 
 
 * :func:`feature_statistics`: mean and unbiased covariance (``ddof=1``, as ``np.cov``) in
   float64, streamed over batches with Chan et al.'s pairwise update, so 50k features never
-  sit in memory at once.
+  sit in memory at once. Fewer features than dimensions (``N <= D``) give a rank-deficient
+  covariance and a warning naming ``N`` and ``D``.
 * :func:`frechet_distance` (Heusel et al. 2017): ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2)``,
   the quantity of pytorch-fid's ``calculate_frechet_distance``. ``tr (S1 S2)^1/2`` is computed
   as the sum of square roots of the eigenvalues of the symmetric ``S1^1/2 S2 S1^1/2`` (the
@@ -28,6 +29,7 @@ import functools
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable
 
 import jax
@@ -111,9 +113,18 @@ def update_statistics(acc: StatsAccumulator, features) -> StatsAccumulator:
 
 
 def finalize_statistics(acc: StatsAccumulator) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu [D], sigma [D, D])``, float64; ``sigma`` unbiased (``ddof=1``)."""
+    """``(mu [D], sigma [D, D])``, float64; ``sigma`` unbiased (``ddof=1``).
+
+    Warns (``UserWarning`` naming N and D) when ``N <= D``: the covariance is then singular, and
+    every Frechet distance from it is far above the population's.
+    """
     if acc.count < 2:
         raise ValueError(f"the covariance needs at least 2 features, got {acc.count}")
+    dim = acc.mean.shape[0]
+    if acc.count <= dim:
+        warnings.warn(f"the covariance of N={acc.count} features in D={dim} dimensions is rank-deficient "
+                      f"(rank <= N - 1 < D): a Frechet distance from it is mostly estimation error; use N > D "
+                      f"samples (FID uses 50,000 for D = 2048)", stacklevel=2)
     m2 = (acc.m2 + acc.m2.T) / 2.0
     return acc.mean.copy(), m2 / (acc.count - 1)
 

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import checks
+
 __all__ = ["INPUT_SIZE", "check_images", "preprocess", "resize_bilinear"]
 
 INPUT_SIZE = 299
@@ -63,9 +65,13 @@ def check_images(images, name: str = "images") -> np.ndarray:
     if arr.ndim != 4:
         raise ValueError(f"{name} must be uint8 [N, H, W, C], got rank {arr.ndim} (shape {arr.shape})")
     if arr.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 in [0, 255] (as pytorch-fid reads image files), got dtype {arr.dtype}")
+        hint = (" (float images in [-1, 1], the samplers' output: convert with "
+                "jaxdiff.training.images.to_uint8)") if np.issubdtype(arr.dtype, np.floating) else ""
+        raise ValueError(f"{name} must be uint8 in [0, 255] (as pytorch-fid reads image files), got dtype "
+                         f"{arr.dtype}{hint}")
     if arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels (NHWC), got shape {arr.shape}")
+        raise ValueError(f"{name} must have 1 or 3 channels (NHWC), got shape {arr.shape}"
+                         f"{checks.layout_hint(arr.shape)}")
     if arr.shape[1] < 1 or arr.shape[2] < 1:
         raise ValueError(f"{name} must have a non-empty image size, got shape {arr.shape}")
     return arr

@@ -147,8 +147,11 @@ class UNet(nn.Module):
         if t.shape != want:
             raise ValueError(f"UNet: t must have shape {list(want)} (time_inputs={self.time_inputs}), "
                              f"got shape {t.shape}")
-        check_image_size(x.shape[1], self.ch_mult)
-        check_image_size(x.shape[2], self.ch_mult)
+        try:
+            check_image_size(x.shape[1], self.ch_mult)
+            check_image_size(x.shape[2], self.ch_mult)
+        except ValueError as error:
+            raise ValueError(f"UNet: {error}{checks.layout_hint(x.shape)}") from None
         if y is not None:
             if self.num_classes is None:
                 raise ValueError("UNet: labels y were given but the model has num_classes=None")

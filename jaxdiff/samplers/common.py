@@ -77,8 +77,18 @@ def spaced_timesteps(num_timesteps: int, num_steps, i):
 
 
 def run_loop(body: Callable, init, num_steps):
-    """``lax.fori_loop(0, num_steps, body, init)``: with a traced ``num_steps`` it is a while loop."""
-    return jax.lax.fori_loop(0, num_steps, body, init)
+    """``lax.fori_loop(0, num_steps, body, init)``: with a traced ``num_steps`` it is a while loop.
+
+    Each step's result is cast to the dtypes of ``init`` (the carry: float32 for every sampler), so
+    a model whose output is another float type (float64 under ``jax_enable_x64``, bfloat16) runs
+    the chain in the carry's precision instead of failing lax's carry-type check.
+    """
+    init = jax.tree.map(jnp.asarray, init)
+
+    def step(i, carry):
+        return jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype), body(i, carry), carry)
+
+    return jax.lax.fori_loop(0, num_steps, step, init)
 
 
 def prior_sample(schedule: Schedule, key, shape) -> jax.Array:

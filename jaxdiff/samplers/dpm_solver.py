@@ -132,7 +132,7 @@ def dpm_solver_pp(schedule: Schedule, model_fn: Callable, x_T, key=None, *, num_
     x, *_ = run_loop(body, (x, zeros, zeros, one, one), n)
     t0 = jnp.zeros((b,), jnp.float32)
     if denoise_final:
-        x, _ = denoise(x, t0)
+        x = denoise(x, t0)[0].astype(x.dtype)
     else:
         x = x / bcast(d.alpha_sigma(schedule, t0)[0], x)
     return steps_result(n, x, dpm_solver_nfe(n, denoise_final))

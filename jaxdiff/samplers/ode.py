@@ -48,7 +48,7 @@ def pf_ode_drift(schedule: Schedule, model_fn: Callable, prediction: str = "epsi
     def f(lam, x):
         _, sigma = alpha_sigma_from_log_snr(lam)
         _, eps = denoise(x, jnp.full((x.shape[0],), t_from_log_snr(schedule, lam)))
-        return 0.5 * (sigma**2 * x - sigma * eps)
+        return (0.5 * (sigma**2 * x - sigma * eps)).astype(x.dtype)  # the state's dtype, whatever the model's
 
     return f
 
@@ -95,4 +95,4 @@ def probability_flow(schedule: Schedule, model_fn: Callable, x_T, key=None, *, r
     x, steps = solve_ode(pf_ode_drift(schedule, model_fn, prediction, clip_x0), x, lam0, lam1, rtol=rtol,
                          atol=atol, solver=solver, max_steps=max_steps)
     x0, _ = denoiser(schedule, model_fn, prediction, clip_x0)(x, jnp.zeros((b,), jnp.float32))
-    return x0, ode_nfe(steps)
+    return x0.astype(x.dtype), ode_nfe(steps)

@@ -83,7 +83,7 @@ def predictor_corrector(schedule: Schedule, model_fn: Callable, x_T, key, *, num
             return langevin_step(schedule, out, x, tb, jax.random.fold_in(k_step, j + 1), snr=snr,
                                  prediction=prediction)
 
-        x = jax.lax.fori_loop(0, num_corrector_steps, corrector, x)
+        x = run_loop(corrector, x, num_corrector_steps)
         z = jax.random.normal(jax.random.fold_in(k_step, 0), x.shape, x.dtype)
         return ddpm_step_between(schedule, model_fn(x, tb), x, tb, tpb, z, prediction=prediction,
                                  variance=variance, clip_x0=clip_x0)

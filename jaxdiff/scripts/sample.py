@@ -22,7 +22,7 @@ import os
 
 from absl import flags
 
-from jaxdiff import cli
+from jaxdiff import checks, cli
 from jaxdiff.samplers.registry import SAMPLERS
 
 FLAGS = flags.FLAGS
@@ -51,6 +51,8 @@ def main(argv):
     from jaxdiff.training.generate import sample_pipeline, sample_workdir
     from jaxdiff.training.phema import parse_ema
 
+    if FLAGS.guidance is not None:
+        checks.check_nonnegative(FLAGS.guidance, "--guidance")
     if FLAGS.diffusers:
         for name in ("guidance", "ema", "labels"):
             if FLAGS[name].present:

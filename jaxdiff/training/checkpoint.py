@@ -10,6 +10,16 @@ that is not a checkpoint): :func:`restore_newest` tries the steps newest first, 
 that does not restore completely with a warning naming it, and never deletes anything. A run
 that resumes behind a damaged step moves it aside with :func:`set_aside` (to
 ``checkpoints/STEP.damaged-N``, which orbax ignores) before it saves that step again.
+
+A damaged step fails in one of the many reads orbax runs concurrently in a fresh event loop,
+which it closes as soon as that read fails; the reads still in flight then complete into the
+closed loop, and tensorstore reports each one as an unraisable ``RuntimeError: Event loop is
+closed`` (dozens of tracebacks after the one useful message), and asyncio logs the other failed
+reads as "exception was never retrieved". Restoring therefore installs, once per process, a
+``sys.unraisablehook`` that drops exactly those reports (passing every other one to the hook it
+replaced) and a filter on the ``asyncio`` logger that drops the unretrieved tensorstore read
+errors (:func:`quiet_orphaned_reads`); the damage itself is reported once, by the warning or the
+``ValueError`` of :func:`restore_newest`.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = ["open_manager", "save", "restore", "latest_step", "read_config", "restore_newest", "set_aside",
-           "check_saves"]
+           "check_saves", "quiet_orphaned_reads"]
 
 log = logging.getLogger("jaxdiff")
 
@@ -50,6 +61,41 @@ def save(manager: ocp.CheckpointManager, step: int, host_state: Any, config: dic
                                                config=ocp.args.JsonSave(json.loads(json.dumps(config)))))
 
 
+def _is_orphaned_read(unraisable) -> bool:
+    """An unraisable ``RuntimeError('Event loop is closed')`` (what a read of a failed restore reports)."""
+    error = unraisable.exc_value
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+class _UnretrievedReads(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of failed tensorstore reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in record.getMessage() and "tensorstore_spec" in str(error))
+
+
+def quiet_orphaned_reads() -> None:
+    """Drops the reports of reads left in flight by a failed restore (module docstring).
+
+    Idempotent; every other unraisable exception still reaches the previous ``sys.unraisablehook``
+    and every other asyncio record its handlers.
+    """
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReads())
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_orphaned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_orphaned_read(unraisable):
+            previous(unraisable)
+
+    hook._drops_orphaned_reads = True
+    sys.unraisablehook = hook
+
+
 def latest_step(manager: ocp.CheckpointManager) -> int | None:
     """The latest complete checkpoint's step, or None."""
     return manager.latest_step()
@@ -65,6 +111,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     abstract = _as_numpy(target)
+    quiet_orphaned_reads()
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              config=ocp.args.JsonRestore()))
     return _as_numpy(restored["state"]), restored["config"]
@@ -84,6 +131,7 @@ def restore_newest(manager: ocp.CheckpointManager, target_for: Callable[[dict], 
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     skipped = []
+    quiet_orphaned_reads()
     for step in steps:
         try:
             config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

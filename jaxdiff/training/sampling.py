@@ -60,7 +60,7 @@ def network(apply_fn: Callable, params, labels, *, num_classes: int | None, guid
     """``net(x [N, ...], time [N]) -> [N, ...]``: the model with ``params`` and ``labels`` ``[N]`` bound.
 
     A class-conditional model (``num_classes`` set) is guided with the library's one formula
-    (:func:`jaxdiff.guidance.classifier_free_guidance`, scale ``guidance_scale``; ``1``: the
+    (:func:`jaxdiff.guidance.classifier_free_guidance`, scale ``guidance_scale >= 0``; ``1``: the
     conditional model) on its first ``guided_channels`` output channels; an unconditional one
     ignores ``labels`` but their number.
     """
@@ -89,7 +89,7 @@ def generate(objective: Objective, apply_fn: Callable, params, key, labels, imag
       sampler: a name in :data:`jaxdiff.samplers.SAMPLERS` that serves ``objective``
         (``objective.sampler_names()``).
       eta: forwarded only to samplers that take it (``ddim``, ``euler_ancestral``); must be >= 0.
-      guidance_scale: classifier-free guidance scale ``w`` of a class-conditional model
+      guidance_scale: classifier-free guidance scale ``w >= 0`` of a class-conditional model
         (1 = the conditional model); a concrete value other than 1 on an unconditional model raises.
         Guidance combines the network's outputs, which is the same affine combination of the
         denoiser's for every objective.
@@ -148,6 +148,8 @@ def check_overrides(objective: Objective, num_classes: int | None, sampler: str,
     objective.check_sampler(sampler, num_steps=num_steps, options=opts, prefix=prefix)
     if eta is not None and eta < 0:
         raise ValueError(f"{prefix}eta must be >= 0, got {eta}")
+    if guidance_scale is not None and guidance_scale < 0:
+        raise ValueError(f"{prefix}guidance must be >= 0, got {guidance_scale}")
     if guidance_scale is not None and num_classes is None:
         raise ValueError(f"{prefix}guidance: the model is unconditional (no classifier-free guidance)")
 

@@ -74,7 +74,7 @@ class Run:
         """The run's sampling function: ``config.sample`` with the overrides that are not None.
 
         Checked now, before any work (``ValueError`` naming ``prefix + setting``): a sampler that does
-        not serve the objective, an option it does not take, ``eta < 0``, guidance on an
+        not serve the objective, an option it does not take, ``eta < 0``, guidance below 0 or on an
         unconditional model. Every caller that draws samples of a run uses it.
         """
         sm = self.config.sample
@@ -129,6 +129,8 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
     objective.check_sampler(sm.sampler, num_steps=None if adaptive else sm.num_steps, prefix="config.sample.")
     if sm.eta < 0:
         _fail("sample.eta", sm.eta, "must be >= 0")
+    if sm.guidance < 0:
+        _fail("sample.guidance", sm.guidance, "must be >= 0")
     if sm.guidance != 1.0 and not md.class_conditional:
         _fail("sample.guidance", sm.guidance, "must be 1 for an unconditional model (model.class_conditional=False)")
     if sm.num_samples <= 0:
