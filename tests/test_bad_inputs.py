@@ -321,7 +321,9 @@ def test_orphaned_reads_of_a_failed_restore_are_quiet_and_nothing_else(monkeypat
 
 # --------------------------------------------------------------------------- traced values: the documented rules
 
-FIXED_STEP = [name for name, spec in registry.SAMPLERS.items() if not spec.adaptive]
+# the fixed-step samplers a schedule model runs (the few-step ones need their own models: below)
+FIXED_STEP = [name for name, spec in registry.SAMPLERS.items()
+              if not spec.adaptive and spec.needs in ("discrete", "denoiser")]
 # NFE for n = 2 steps, from the registry's table (pc with its default M = 1 corrector step).
 NFE_AT_2 = {"ddpm": 2, "ddim": 2, "dpm_solver++": 2, "dpm++2m": 2, "euler": 2, "heun": 3, "euler_ancestral": 2,
             "pc": 4, "edm": 3}
@@ -340,6 +342,17 @@ def test_traced_num_steps_below_one_gives_nan_and_zero_nfe(name):
         assert int(info["nfe"]) == 0
     x, info = run(2)  # a valid traced count is untouched
     assert np.all(np.isfinite(np.asarray(x))) and int(info["nfe"]) == NFE_AT_2[name]
+
+
+@pytest.mark.parametrize("name", ["meanflow", "consistency"])
+def test_traced_num_steps_below_one_gives_nan_and_zero_nfe_for_few_step_models(name):
+    obj = {"meanflow": objectives.MeanFlow(), "consistency": objectives.Consistency()}[name]
+    den = obj.denoiser(lambda x, t: 0.1 * x)
+    run = jax.jit(lambda n: samplers.sample_denoiser(den, KEY, X.shape, sampler=name, num_steps=n))
+    x, info = run(0)
+    assert np.all(np.isnan(np.asarray(x))) and int(info["nfe"]) == 0
+    x, info = run(2)
+    assert np.all(np.isfinite(np.asarray(x))) and int(info["nfe"]) == 2
 
 
 def test_traced_num_steps_below_one_gives_nan_and_zero_nfe_for_edm():
