@@ -42,7 +42,7 @@ Four kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
 * *consistency*: multistep sampling of a consistency function (:mod:`jaxdiff.consistency`),
   the same ``run`` contract.
 
-Each sampler *needs* one of the Denoiser's :data:`VIEWS`. The registry knows sampler names only;
+Each sampler *needs* one of the Denoiser's :data:`~jaxdiff.samplers.registry.VIEWS`. The registry knows sampler names only;
 an objective says which views its models have (:attr:`jaxdiff.objectives.Objective.views`) and
 :func:`names` / :func:`check` take that.
 
@@ -80,7 +80,7 @@ class Sampler:
     integer grid); ``stochastic``: draws noise at every step (some only for some option values,
     e.g. ``ddim`` with ``eta > 0``); ``learned_variance``: uses the model's learned-variance
     channels (``variance="learned_range"``); ``needs``: the view of the Denoiser it runs on
-    (one of :data:`VIEWS`).
+    (one of :data:`~jaxdiff.samplers.registry.VIEWS`).
     """
 
     run: Callable
@@ -177,7 +177,7 @@ def check(name: str, *, views=None, model: str = "this", num_steps=None,
           num_timesteps: int | None = None, options: Mapping[str, Any] | None = None, prefix: str = "") -> Sampler:
     """Checks a sampler request before any work is done; returns the entry.
 
-    ``views``: the views of the model's Denoiser (:data:`VIEWS`; ``None``: all); ``model`` names
+    ``views``: the views of the model's Denoiser (:data:`~jaxdiff.samplers.registry.VIEWS`; ``None``: all); ``model`` names
     the model's kind in messages (an objective's name). Raises ``ValueError`` naming the argument
     (``prefix`` is prepended to argument names, e.g. ``"--"`` for flags or ``"config.sample."``
     for settings) if ``name`` is unknown or needs a view the model lacks, if an option
