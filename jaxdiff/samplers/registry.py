@@ -42,9 +42,9 @@ Four kinds of sampler, one model contract (:class:`jaxdiff.denoiser.Denoiser`):
 * *consistency*: multistep sampling of a consistency function (:mod:`jaxdiff.consistency`),
   the same ``run`` contract.
 
-Each sampler *needs* one of the Denoiser's :data:`~jaxdiff.samplers.registry.VIEWS`. The registry knows sampler names only;
-an objective says which views its models have (:attr:`jaxdiff.objectives.Objective.views`) and
-:func:`names` / :func:`check` take that.
+Each sampler *needs* one of the Denoiser's :data:`~jaxdiff.samplers.registry.VIEWS`. The
+registry knows sampler names only; an objective says which views its models have
+(:attr:`jaxdiff.objectives.Objective.views`) and :func:`names` / :func:`check` take that.
 
 ``n`` below 1: a concrete value raises ``ValueError`` (here and in every sampler); a traced one
 cannot be checked, and every fixed-step sampler then returns NaN samples and reports NFE 0
@@ -177,12 +177,13 @@ def check(name: str, *, views=None, model: str = "this", num_steps=None,
           num_timesteps: int | None = None, options: Mapping[str, Any] | None = None, prefix: str = "") -> Sampler:
     """Checks a sampler request before any work is done; returns the entry.
 
-    ``views``: the views of the model's Denoiser (:data:`~jaxdiff.samplers.registry.VIEWS`; ``None``: all); ``model`` names
-    the model's kind in messages (an objective's name). Raises ``ValueError`` naming the argument
-    (``prefix`` is prepended to argument names, e.g. ``"--"`` for flags or ``"config.sample."``
-    for settings) if ``name`` is unknown or needs a view the model lacks, if an option
-    is not one the sampler takes, or if a Python-int ``num_steps`` is below 1, above ``T`` for
-    samplers on the integer grid, or given to an adaptive sampler. Traced values pass unchecked.
+    ``views``: the views of the model's Denoiser (:data:`~jaxdiff.samplers.registry.VIEWS`;
+    ``None``: all); ``model`` names the model's kind in messages (an objective's name). Raises
+    ``ValueError`` naming the argument (``prefix`` is prepended to argument names, e.g. ``"--"`` for
+    flags or ``"config.sample."`` for settings) if ``name`` is unknown or needs a view the model
+    lacks, if an option is not one the sampler takes, or if a Python-int ``num_steps`` is below 1,
+    above ``T`` for samplers on the integer grid, or given to an adaptive sampler. Traced values
+    pass unchecked.
     """
     if name not in SAMPLERS:
         raise ValueError(f"{prefix}sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
