@@ -21,7 +21,16 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jaxdiff import objectives, schedules
-from jaxdiff.models import PRESETS, DiT, DiTLayout, count_params, from_diffusers, get_model, to_diffusers
+from jaxdiff.models import (
+    PRESETS,
+    DiT,
+    DiTLayout,
+    check_model_image_size,
+    count_params,
+    from_diffusers,
+    get_model,
+    to_diffusers,
+)
 from jaxdiff.models.dit import DiTBlock, sincos_2d
 from jaxdiff.training.sampling import generate
 from jaxdiff.training.state import create_train_state
@@ -150,7 +159,10 @@ def test_inputs_are_checked_naming_the_argument():
         (lambda: model.apply({"params": params}, x, t, jnp.array([0])), "y must have shape"),
         (lambda: tiny().init(jax.random.key(0), x, t, jnp.array([0, 1])), "num_classes=None"),
         (lambda: get_model("dit_s_2", ch_mult=(1, 2)), "ch_mult"),
+        (lambda: check_model_image_size(get_model("dit_s_4"), 30), "image size 30 is not divisible by patch_size=4"),
+        (lambda: check_model_image_size(get_model("tiny"), 7), "image_size=7"),
     ]
+    check_model_image_size(get_model("dit_s_4"), 32)
     for fn, words in cases:
         with pytest.raises(ValueError, match=words.replace("(", r"\(")):
             fn()

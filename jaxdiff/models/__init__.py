@@ -10,7 +10,7 @@ from jaxdiff.models.diffusers_pipeline import (
 from jaxdiff.models.dit import DiT, DiTLayout
 from jaxdiff.models.layers import timestep_embedding
 from jaxdiff.models.nnx import from_linen_params, nnx_unet, to_linen_params
-from jaxdiff.models.presets import PRESETS, get_model
+from jaxdiff.models.presets import PRESETS, check_model_image_size, get_model
 from jaxdiff.models.unet import (
     UNet,
     check_image_size,
@@ -29,6 +29,7 @@ __all__ = [
     "SamplingDefaults",
     "UNet",
     "check_image_size",
+    "check_model_image_size",
     "count_params",
     "ddpm_cifar10",
     "digits",

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from jaxdiff.models.dit import DIT_PRESETS
-from jaxdiff.models.unet import UNET_PRESETS
+from jaxdiff.models.dit import DIT_PRESETS, DiT, check_patch_size
+from jaxdiff.models.unet import UNET_PRESETS, check_image_size
 
-__all__ = ["PRESETS", "get_model"]
+__all__ = ["PRESETS", "check_model_image_size", "get_model"]
 
 #: The presets by name (what :func:`get_model` builds): ``ddpm_cifar10``, ``small``, ``digits``,
 #: ``tiny`` (:class:`~jaxdiff.models.UNet`) and ``dit_{s,b,l,xl}_{2,4,8}`` (:class:`~jaxdiff.models.DiT`).
@@ -33,3 +33,15 @@ def get_model(name: str, **overrides) -> nn.Module:
         raise ValueError(f"model {name!r} ({preset.func.__name__}) has no field(s) {unknown}; "
                          f"its fields: {sorted(fields)}")
     return preset(**overrides)
+
+
+def check_model_image_size(model: nn.Module, image_size: int) -> None:
+    """Raise ``ValueError`` unless ``model`` takes ``image_size x image_size`` inputs.
+
+    A :class:`~jaxdiff.models.UNet` must halve it ``len(ch_mult) - 1`` times, a
+    :class:`~jaxdiff.models.DiT` cut it into whole patches.
+    """
+    if isinstance(model, DiT):
+        check_patch_size(image_size, model.patch_size, "image")
+    else:
+        check_image_size(image_size, model.ch_mult)
