@@ -57,8 +57,9 @@ FREQ_DIM = 256  # the timestep embedding's width before the MLP (the paper's)
 class DiTLayout(NamedTuple):
     """Details of DiT that the original code fixes (these defaults) and diffusers varies.
 
-    ``freq_shift``: of the timestep's sinusoidal embedding (:func:`~jaxdiff.models.layers.
-    timestep_embedding`, cosines first): 0 in the original code, 1 in diffusers.
+    ``freq_shift``: of the timestep's sinusoidal embedding
+    (:func:`~jaxdiff.models.layers.timestep_embedding`, cosines first): 0 in the original code,
+    1 in diffusers.
     ``mlp_norm_eps``: the epsilon of the LayerNorm before the MLP (diffusers' ``norm_eps``).
     ``pos_grid``: when set, positions on an ``h x w`` patch grid are ``i * pos_grid / h`` and
     ``j * pos_grid / w`` (diffusers' ``base_size``, ``sample_size // patch_size``); ``None``:
