@@ -161,7 +161,7 @@ class DiT(nn.Module):
     and is used when ``y`` is ``None``; labels must lie in ``[0, num_classes]`` (concrete ones are
     checked). ``dtype`` is the computation dtype (parameters and output float32); ``remat``
     recomputes each block's activations on the backward pass. ``dropout`` and ``dropout_keys``:
-    see :class:`DiTBlock` (the paper's models use none). ``conv_backward`` selects the patch
+    see :class:`~jaxdiff.models.dit.DiTBlock` (the paper's models use none). ``conv_backward`` selects the patch
     convolution's gradient as the UNet's (:mod:`jaxdiff.models.conv`; it matters only for
     ``patch_size=1``, a strided convolution is XLA's own). ``time_inputs=2`` takes ``t`` ``[B, 2]``
     (MeanFlow's ``(t, t - r)``): the second column gets its own timestep MLP (``t_embedder2``),

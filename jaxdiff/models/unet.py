@@ -267,5 +267,5 @@ digits = partial(
 # For tests: 0.18M parameters.
 tiny = partial(UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
 
-#: The UNet presets by name (all presets, the DiTs' too: :data:`jaxdiff.models.PRESETS`).
+#: The UNet presets by name; :data:`jaxdiff.models.PRESETS` holds every preset, the DiTs too.
 UNET_PRESETS = {"ddpm_cifar10": ddpm_cifar10, "small": small, "digits": digits, "tiny": tiny}
