@@ -254,7 +254,8 @@ def test_count_params():
 
 
 def test_get_model():
-    assert set(PRESETS) == {"ddpm_cifar10", "small", "digits", "tiny"}
+    dits = {f"dit_{s}_{p}" for s in ("s", "b", "l", "xl") for p in (2, 4, 8)}
+    assert set(PRESETS) == {"ddpm_cifar10", "small", "digits", "tiny", "dit_digits"} | dits
     model = get_model("small", num_classes=10)
     assert isinstance(model, UNet) and model.num_classes == 10 and model.ch == small().ch
     with pytest.raises(ValueError, match="tiny"):

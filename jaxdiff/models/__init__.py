@@ -1,4 +1,4 @@
-"""Networks: the DDPM UNet, its building blocks and presets, and the UNet for NNX users."""
+"""Networks: the DDPM UNet and DiT, their building blocks and presets, and the UNet for NNX users."""
 
 from jaxdiff.models.diffusers import from_diffusers, to_diffusers
 from jaxdiff.models.diffusers_pipeline import (
@@ -7,26 +7,29 @@ from jaxdiff.models.diffusers_pipeline import (
     from_diffusers_pipeline,
     to_diffusers_pipeline,
 )
+from jaxdiff.models.dit import DiT, DiTLayout
 from jaxdiff.models.layers import timestep_embedding
 from jaxdiff.models.nnx import from_linen_params, nnx_unet, to_linen_params
+from jaxdiff.models.presets import PRESETS, check_model_image_size, get_model
 from jaxdiff.models.unet import (
-    PRESETS,
     UNet,
     check_image_size,
     count_params,
     ddpm_cifar10,
     digits,
-    get_model,
     small,
     tiny,
 )
 
 __all__ = [
     "PRESETS",
+    "DiT",
+    "DiTLayout",
     "DiffusersPipeline",
     "SamplingDefaults",
     "UNet",
     "check_image_size",
+    "check_model_image_size",
     "count_params",
     "ddpm_cifar10",
     "digits",

@@ -1,4 +1,4 @@
-"""Import and export of diffusers ``UNet2DModel`` folders (the DDPM family).
+"""Import and export of diffusers model folders: ``UNet2DModel`` (the DDPM family) and ``DiTTransformer2DModel``.
 
 A folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors``. Weights are read
 with ``safetensors.numpy`` (nothing loaded executes code); a ``.bin`` (pickle) file is refused
@@ -8,8 +8,10 @@ with the command that converts it. Example::
     eps = model.apply({"params": params}, x, t)      # x: [B, H, W, C] (NHWC), t: [B] ints
     to_diffusers(model, params, "exported", sample_size=32)
 
-The supported ``config.json`` settings, and what is refused, are listed in
-:mod:`jaxdiff.models.diffusers_config`. Both attention namings are read: ``to_q``/``to_k``/
+:func:`from_diffusers` dispatches on ``config.json``'s ``_class_name``. The supported settings,
+and what is refused, are listed in :mod:`jaxdiff.models.diffusers_config` (``UNet2DModel``) and
+:mod:`jaxdiff.models.diffusers_dit` (``DiTTransformer2DModel``, imported as a
+:class:`~jaxdiff.models.DiT` with diffusers' layout). Both attention namings are read: ``to_q``/``to_k``/
 ``to_v``/``to_out.0`` and the google/ddpm-* checkpoints' ``query``/``key``/``value``/``proj_attn``;
 export writes the former.
 """
@@ -19,21 +21,25 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models import diffusers_dit
 from jaxdiff.models.diffusers_config import (
     WRITTEN_VERSION,
     config_from_unet,
     unet_from_config,
 )
+from jaxdiff.models.dit import DiT
 from jaxdiff.models.unet import UNet
 
 __all__ = ["CONVERT_BIN_COMMAND", "WRITTEN_VERSION", "diffusers_names", "from_diffusers", "to_diffusers"]
 
 CONFIG_NAME = "config.json"
+CLASS_NAMES = ("UNet2DModel", diffusers_dit.CLASS_NAME)  # what from_diffusers reads
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_NAME = "diffusion_pytorch_model.bin"
 # Converts a pickle (.bin) folder in place; needs torch and diffusers, and runs torch.load on the file.
@@ -97,17 +103,17 @@ def _to_torch_layout(value: np.ndarray) -> np.ndarray:
 
 def _read_config(folder: str) -> dict:
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"diffusers UNet folder {folder!r} does not exist")
+        raise FileNotFoundError(f"diffusers model folder {folder!r} does not exist")
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing (a diffusers UNet2DModel folder has {CONFIG_NAME})")
+        raise FileNotFoundError(f"{path}: missing (a diffusers model folder has {CONFIG_NAME})")
     try:
         with open(path) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a JSON config ({e})") from None
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"{path}: _class_name={config['_class_name']!r}, expected 'UNet2DModel'")
+    if config.get("_class_name", "UNet2DModel") not in CLASS_NAMES:
+        raise ValueError(f"{path}: _class_name={config['_class_name']!r}, expected one of {CLASS_NAMES}")
     return config
 
 
@@ -130,8 +136,8 @@ def _read_tensors(folder: str) -> tuple[str, dict[str, np.ndarray]]:
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
-def _param_shapes(model: UNet, in_channels: int):
-    size = 2 ** (len(model.ch_mult) - 1)
+def _param_shapes(model, in_channels: int):
+    size = model.patch_size if isinstance(model, DiT) else 2 ** (len(model.ch_mult) - 1)
     x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     y = None if model.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -142,14 +148,23 @@ def _keys(path) -> tuple[str, ...]:
     return tuple(p.key for p in path)
 
 
-def from_diffusers(path: str) -> tuple[UNet, dict]:
-    """Loads a diffusers ``UNet2DModel`` folder as ``(model, params)``.
+def from_diffusers(path: str) -> tuple[UNet | DiT, dict]:
+    """Loads a diffusers ``UNet2DModel`` or ``DiTTransformer2DModel`` folder as ``(model, params)``.
 
     ``model.apply({"params": params}, x, t[, y])`` with ``x: [B, H, W, C]`` and ``t: [B]``
-    returns diffusers' ``UNet2DModel(x_nchw, t[, y]).sample`` in NHWC. Every tensor of the file
-    fills a parameter and every parameter is filled, or ``ValueError`` names the leftovers.
+    returns diffusers' ``UNet2DModel(x_nchw, t[, y]).sample`` (or
+    ``DiTTransformer2DModel(x_nchw, timestep=t, class_labels=y).sample``) in NHWC. Every tensor of
+    the file fills a parameter and every parameter is filled, or ``ValueError`` names the leftovers.
     """
     config = _read_config(path)
+    if config.get("_class_name") == diffusers_dit.CLASS_NAME:
+        try:
+            model, info = diffusers_dit.dit_from_config(config)
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
+        file, tensors = _read_tensors(path)
+        shapes = _param_shapes(model, info["in_channels"])
+        return model, diffusers_dit.params_from_tensors(model, shapes, tensors, file)
     model, info = unet_from_config(config)
     file, tensors = _read_tensors(path)
     shapes = _param_shapes(model, info["in_channels"])
@@ -186,22 +201,49 @@ def from_diffusers(path: str) -> tuple[UNet, dict]:
     return model, params
 
 
-def to_diffusers(model: UNet, params, path: str, *, sample_size: int | None = None) -> str:
-    """Writes ``(model, params)`` as a diffusers ``UNet2DModel`` folder at ``path`` and returns ``path``.
-
-    The folder must not exist or be empty. Fields without a diffusers counterpart raise
-    ``ValueError`` naming them (see :func:`~jaxdiff.models.diffusers_config.config_from_unet`).
-    ``learn_sigma`` models export
-    with ``out_channels = 2 C``.
-    """
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise FileExistsError(f"{path!r} exists and is not an empty folder: not overwriting it")
-    config = config_from_unet(model, params, sample_size)
-    rebuilt, info = unet_from_config(config)
-    expected = jax.tree.map(lambda s: s.shape, _param_shapes(rebuilt, info["in_channels"]))
+def _check_tree(params, expected_shapes) -> None:
+    expected = jax.tree.map(lambda s: s.shape, expected_shapes)
     got = jax.tree.map(lambda a: tuple(np.shape(a)), params)
     if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
         raise ValueError("params do not match the model's parameter tree (names or shapes): was it built by `model`?")
+
+
+def _write(path: str, config: dict, tensors: dict) -> str:
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+def to_diffusers(model: UNet | DiT, params, path: str, *, sample_size: int | None = None,
+                 in_channels: int | None = None) -> str:
+    """Writes ``(model, params)`` as a diffusers ``UNet2DModel`` (``DiTTransformer2DModel`` for a DiT)
+    folder at ``path`` and returns ``path``.
+
+    The folder must not exist or be empty. Fields without a diffusers counterpart raise
+    ``ValueError`` naming them (see :func:`~jaxdiff.models.diffusers_config.config_from_unet` and
+    :func:`~jaxdiff.models.diffusers_dit.config_from_dit`: a DiT exports with diffusers' layout
+    only, ``layout.freq_shift=1``). ``learn_sigma`` models export with ``out_channels = 2 C``.
+    ``in_channels``: a DiT's input channels when ``out_channels`` is set (otherwise read from the params).
+    """
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path!r} exists and is not an empty folder: not overwriting it")
+    if isinstance(model, DiT):
+        kernel = params.get("patch_embed", {}).get("kernel") if isinstance(params, Mapping) else None
+        if kernel is None or np.ndim(kernel) != 4:
+            raise ValueError("params have no patch_embed kernel [p, p, C, D]: was it built by `model`?")
+        c_in = int(np.shape(kernel)[2]) if in_channels is None else in_channels
+        config = diffusers_dit.config_from_dit(model, c_in, sample_size)
+        rebuilt, info = diffusers_dit.dit_from_config(config)
+        _check_tree(params, _param_shapes(rebuilt, info["in_channels"]))
+        return _write(path, config, diffusers_dit.tensors_from_params(model, params))
+    config = config_from_unet(model, params, sample_size)
+    rebuilt, info = unet_from_config(config)
+    _check_tree(params, _param_shapes(rebuilt, info["in_channels"]))
     levels = len(model.ch_mult)
     tensors = {}
 
@@ -213,11 +255,4 @@ def to_diffusers(model: UNet, params, path: str, *, sample_size: int | None = No
         )
 
     jax.tree_util.tree_map_with_path(put, params)
-    from safetensors.numpy import save_file
-
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+    return _write(path, config, tensors)

@@ -63,7 +63,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.models.unet import PRESETS, UNet, get_model
+from jaxdiff.models.presets import PRESETS, get_model
+from jaxdiff.models.unet import UNet
 
 __all__ = ["NNXUNet", "from_linen_params", "nnx_unet", "to_linen_params"]
 

@@ -5,7 +5,7 @@ shape and knows nothing about schedules or objectives.
 
 Example::
 
-    model = get_model("tiny")
+    model = tiny()                                             # or jaxdiff.models.get_model("tiny")
     params = model.init(jax.random.key(0), x, t)["params"]     # x: [B, 8, 8, 1], t: [B]
     out = model.apply({"params": params}, x, t, train=True,
                       rngs={"dropout": jax.random.key(1)})       # [B, 8, 8, 1]
@@ -34,16 +34,15 @@ from jaxdiff.models.layers import (
 )
 
 __all__ = [
-    "PRESETS",
     "Layout",
     "UNet",
     "check_image_size",
     "count_params",
     "ddpm_cifar10",
     "digits",
-    "get_model",
     "small",
     "tiny",
+    "UNET_PRESETS",
 ]
 
 
@@ -268,12 +267,5 @@ digits = partial(
 # For tests: 0.18M parameters.
 tiny = partial(UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
 
-#: The presets by name (what :func:`get_model` builds).
-PRESETS = {"ddpm_cifar10": ddpm_cifar10, "small": small, "digits": digits, "tiny": tiny}
-
-
-def get_model(name: str, **overrides) -> UNet:
-    """Build the preset ``name`` with field ``overrides`` (e.g. ``num_classes=10``)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; known models: {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
+#: The UNet presets by name; :data:`jaxdiff.models.PRESETS` holds every preset, the DiTs too.
+UNET_PRESETS = {"ddpm_cifar10": ddpm_cifar10, "small": small, "digits": digits, "tiny": tiny}
