@@ -330,3 +330,12 @@ def test_jit_dit_contract_matches_unet_signature():
 
     assert list(inspect.signature(DiT.__call__).parameters) == list(inspect.signature(UNet.__call__).parameters)
     assert isinstance(get_model("dit_b_4"), nn.Module)
+
+
+def test_the_training_job_builds_a_dit_from_its_config():
+    from jaxdiff.configs import digits_dit
+    from jaxdiff.models.dit import DiT
+    from jaxdiff.training.setup import resolve
+
+    run = resolve(digits_dit.get_config())
+    assert isinstance(run.model, DiT) and run.model.patch_size == 2 and run.model.num_classes == 10

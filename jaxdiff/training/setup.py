@@ -17,7 +17,7 @@ import optax
 
 from jaxdiff import data, objectives, posthoc_ema, schedules
 from jaxdiff.metrics.stats import FEATURES
-from jaxdiff.models import PRESETS, UNet, check_image_size, get_model
+from jaxdiff.models import PRESETS, UNet, check_model_image_size, get_model
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
@@ -223,9 +223,10 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     model = make_model(config.model, num_classes=num_classes, learned_variance=objective.learned_variance,
                        time_inputs=objective.time_inputs)
     try:
-        check_image_size(image_shape[0], model.ch_mult)
+        check_model_image_size(model, image_shape[0])
     except ValueError as error:
-        _fail("data.image_size" if size else "model.ch_mult", size or model.ch_mult, str(error))
+        field = "patch_size" if hasattr(model, "patch_size") else "ch_mult"
+        _fail("data.image_size" if size else f"model.{field}", size or getattr(model, field), str(error))
     tr = config.train
     tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
     return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes, objective=objective,
