@@ -45,9 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import checks
 from jaxdiff.models.conv import conv_for
-from jaxdiff.models.layers import dropout_salt, example_dropout, timestep_embedding
+from jaxdiff.models.layers import check_call, dropout_salt, example_dropout, timestep_embedding
 
 __all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "DiTLayout", "check_patch_size", "sincos_2d"]
 
@@ -190,29 +189,15 @@ class DiT(nn.Module):
     layout: DiTLayout = DiTLayout()
 
     def _check_inputs(self, x, t, y, dropout_keys) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"DiT: x must be [B, H, W, C], got shape {x.shape}")
         if self.time_inputs not in (1, 2):
             raise ValueError(f"DiT: time_inputs must be 1 or 2, got {self.time_inputs}")
-        want = (x.shape[0],) if self.time_inputs == 1 else (x.shape[0], self.time_inputs)
-        if t.shape != want:
-            raise ValueError(f"DiT: t must have shape {list(want)} (time_inputs={self.time_inputs}), "
-                             f"got shape {t.shape}")
+        check_call("DiT", x, t, y, dropout_keys, num_classes=self.num_classes, time_inputs=self.time_inputs)
         if self.patch_size < 1:
             raise ValueError(f"DiT: patch_size must be >= 1, got {self.patch_size}")
         check_patch_size(x.shape[1], self.patch_size, "x height")
         check_patch_size(x.shape[2], self.patch_size, "x width")
         if self.hidden_size % 4:
             raise ValueError(f"DiT: hidden_size must be divisible by 4 (2-D sin-cos positions), got {self.hidden_size}")
-        if y is not None:
-            if self.num_classes is None:
-                raise ValueError("DiT: labels y were given but the model has num_classes=None")
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"DiT: y must have shape [B]=({x.shape[0]},), got {y.shape}")
-            checks.check_int_range(y, "DiT: y", 0, self.num_classes,
-                                   f" (num_classes={self.num_classes} is the null label)")
-        if dropout_keys is not None and dropout_keys.shape != (x.shape[0],):
-            raise ValueError(f"DiT: dropout_keys must have shape [B]=({x.shape[0]},), got {dropout_keys.shape}")
 
     def _time_mlp(self, t: jax.Array, name: str) -> jax.Array:
         e = timestep_embedding(t, FREQ_DIM, flip_sin_to_cos=True, freq_shift=self.layout.freq_shift)

@@ -16,7 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import checks
+
 __all__ = [
+    "check_call",
     "AttnBlock",
     "Downsample",
     "ResBlock",
@@ -258,3 +261,25 @@ class Upsample(nn.Module):
         c = x.shape[-1]
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return _conv3x3(c, self.dtype, "conv", conv=self.conv)(x)
+
+
+def check_call(name: str, x, t, y, dropout_keys, *, num_classes: int | None, time_inputs: int = 1) -> None:
+    """The checks of the networks' shared call ``(x [B, H, W, C], t [B] or [B, time_inputs], y [B], dropout_keys [B])``.
+
+    ``ValueError`` naming ``name`` (``"UNet"``, ``"DiT"``) and the argument; labels must lie in
+    ``[0, num_classes]`` (``num_classes`` is the null label).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"{name}: x must be [B, H, W, C], got shape {x.shape}")
+    b = x.shape[0]
+    want = (b,) if time_inputs == 1 else (b, time_inputs)
+    if t.shape != want:
+        raise ValueError(f"{name}: t must have shape {list(want)} (time_inputs={time_inputs}), got shape {t.shape}")
+    if y is not None:
+        if num_classes is None:
+            raise ValueError(f"{name}: labels y were given but the model has num_classes=None")
+        if y.shape != (b,):
+            raise ValueError(f"{name}: y must have shape [B]=({b},), got {y.shape}")
+        checks.check_int_range(y, f"{name}: y", 0, num_classes, f" (num_classes={num_classes} is the null label)")
+    if dropout_keys is not None and dropout_keys.shape != (b,):
+        raise ValueError(f"{name}: dropout_keys must have shape [B]=({b},), got {dropout_keys.shape}")

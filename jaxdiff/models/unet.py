@@ -29,6 +29,7 @@ from jaxdiff.models.layers import (
     Downsample,
     ResBlock,
     Upsample,
+    check_call,
     group_norm,
     timestep_embedding,
 )
@@ -139,25 +140,13 @@ class UNet(nn.Module):
         """The layout details this network uses: DDPM's (subclasses for other checkpoints override it)."""
         return Layout()
 
-    def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"UNet: x must be [B, H, W, C], got shape {x.shape}")
-        want = (x.shape[0],) if self.time_inputs == 1 else (x.shape[0], self.time_inputs)
-        if t.shape != want:
-            raise ValueError(f"UNet: t must have shape {list(want)} (time_inputs={self.time_inputs}), "
-                             f"got shape {t.shape}")
+    def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None, dropout_keys) -> None:
+        check_call("UNet", x, t, y, dropout_keys, num_classes=self.num_classes, time_inputs=self.time_inputs)
         try:
             check_image_size(x.shape[1], self.ch_mult)
             check_image_size(x.shape[2], self.ch_mult)
         except ValueError as error:
             raise ValueError(f"UNet: {error}{checks.layout_hint(x.shape)}") from None
-        if y is not None:
-            if self.num_classes is None:
-                raise ValueError("UNet: labels y were given but the model has num_classes=None")
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"UNet: y must have shape [B]=({x.shape[0]},), got {y.shape}")
-            checks.check_int_range(y, "UNet: y", 0, self.num_classes,
-                                   f" (num_classes={self.num_classes} is the null label)")
 
     @nn.compact
     def __call__(
@@ -168,9 +157,7 @@ class UNet(nn.Module):
         ``dropout_keys [B]``."""
         x, t = jnp.asarray(x), jnp.asarray(t)
         y = None if y is None else jnp.asarray(y)
-        self._check_inputs(x, t, y)
-        if dropout_keys is not None and dropout_keys.shape != (x.shape[0],):
-            raise ValueError(f"UNet: dropout_keys must have shape [B]=({x.shape[0]},), got {dropout_keys.shape}")
+        self._check_inputs(x, t, y, dropout_keys)
         dt = self.dtype
         emb_dim = 4 * self.ch
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
