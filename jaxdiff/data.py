@@ -9,6 +9,9 @@ with an ``info`` (:class:`DatasetInfo`):
   ``tfds.data_source`` (array_record files; no TensorFlow needed once prepared). Prepare it
   once with ``pip install -e '.[prepare]'`` and ``python -m jaxdiff.prepare NAME``.
 * :class:`ArraySource` wraps in-memory arrays (your own data, tests).
+* :class:`jaxdiff.latents.LatentSource`: an autoencoder's latents of a dataset, written once by
+  ``jaxdiff-encode`` (``config.data.latents``); its batches' ``image`` is the network's input
+  ``(z - shift) * scaling`` ``[B, h, w, c]``.
 
 Batches are a pure function of ``(seed, step)``, so training gives the same result on any
 number of devices and hosts and a resumed run reproduces an uninterrupted one without
@@ -55,6 +58,7 @@ __all__ = [
     "load_digits",
     "make_source",
     "prepare_command",
+    "read_images",
     "stream_indices",
     "to_uint8",
 ]
@@ -74,7 +78,13 @@ class DatasetInfo:
 
 
 class Source(Protocol):
-    """Random access: ``source[i] -> {"image": uint8 [H, W, C], "label": int}``."""
+    """Random access: ``source[i] -> {"image": uint8 [H, W, C], "label": int}``.
+
+    A source of stored model inputs instead of images (:class:`jaxdiff.latents.LatentSource`) has a
+    ``model_inputs(indices, *, seed, step, index, flip, image_size) -> {"image": float32 [b, ...][, "label"]}``
+    method,
+    which :func:`get_batch` calls in place of decoding images.
+    """
 
     info: DatasetInfo
 
@@ -286,6 +296,21 @@ def _standardize(example: dict[str, Any], image_size: int | None) -> dict[str, A
     return {**example, "image": image}
 
 
+def read_images(source: Source, indices, *, image_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(images uint8 [k, H, W, C], labels int32 [k] or None)`` of source ``indices`` ``[k]``, each image as
+    :func:`get_batch` prepares it (with ``image_size``: a center square crop and a bicubic resize; no flip).
+    ``ValueError`` for images of different shapes."""
+    examples = [_standardize(source[int(i)], image_size) for i in indices]
+    shapes = {example["image"].shape for example in examples}
+    if len(shapes) > 1:
+        raise ValueError(f"images of {source.info.name!r} have different shapes {sorted(shapes)}: "
+                         "pass image_size to resize them")
+    labels = None
+    if source.info.num_classes is not None:
+        labels = np.asarray([example["label"] for example in examples], np.int32)
+    return np.stack([example["image"] for example in examples]), labels
+
+
 def _check_batch_args(
     source: Source, step: int, global_batch_size: int, seed: int, process_index: int,
     process_count: int, image_size: int | None,
@@ -337,7 +362,12 @@ def get_batch(
     local = global_batch_size // process_count
     index = process_index * local + np.arange(local, dtype=np.int64)
     positions = step * global_batch_size + index
-    examples = [_standardize(source[int(i)], image_size) for i in stream_indices(positions, len(source), seed)]
+    indices = stream_indices(positions, len(source), seed)
+    flip = (example_hash(seed, step, index) >> np.uint64(63)).astype(bool) if random_flip else None
+    if hasattr(source, "model_inputs"):  # stored model inputs (jaxdiff.latents.LatentSource), not uint8 images
+        batch = source.model_inputs(indices, seed=seed, step=step, index=index, flip=flip, image_size=image_size)
+        return {**batch, "index": index.astype(np.int32)}
+    examples = [_standardize(source[int(i)], image_size) for i in indices]
     shapes = {example["image"].shape for example in examples}
     if len(shapes) > 1:
         raise ValueError(
@@ -346,7 +376,6 @@ def get_batch(
         )
     images = np.stack([example["image"] for example in examples])  # uint8 [b, H, W, C]
     if random_flip:
-        flip = (example_hash(seed, step, index) >> np.uint64(63)).astype(bool)
         images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
     batch = {
         "image": from_uint8(images),
