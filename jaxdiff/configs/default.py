@@ -19,6 +19,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.image_size = 0  # 0 = the dataset's own size; else resize to this square size
     config.data.random_flip = False
     config.data.prefetch = 2
+    # Latent diffusion (jaxdiff.latents): a folder written by jaxdiff-encode from the images above; "" = pixels.
+    # The network trains on (z - shift_factor) * scaling_factor and samples are decoded by the autoencoder.
+    config.data.latents = ""
+    config.data.latent_draw = "sample"  # sample: z = mean + std * eps afresh each step (DiT) | mean: posterior mean
+    config.data.vae = ""  # the autoencoder folder that decodes samples; "" = the one the latents' manifest names
 
     config.model = ml_collections.ConfigDict()
     config.model.preset = "digits"  # a name in jaxdiff.models.PRESETS (digits, tiny, small, ddpm_cifar10)

@@ -72,7 +72,8 @@ def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | No
       options: the sampler's own options (``scripts/sample.py --option name=value``).
       ema: a ``sigma_rel`` whose post-hoc EMA reconstruction replaces the run's EMA (only when
         ``workdir`` is a path; see :func:`~jaxdiff.training.workdir.load_workdir`).
-    Deterministic in ``seed``: batch ``i`` uses ``fold_in(key(seed), i)``.
+    Deterministic in ``seed``: batch ``i`` uses ``fold_in(key(seed), i)``. A latent run's samples are decoded
+    by its autoencoder (``Run.to_images``).
     """
     _check_counts(num_samples, batch_size)
     wd = load_workdir(workdir, ema=ema) if isinstance(workdir, str) else workdir
@@ -85,8 +86,8 @@ def sample_images(workdir, num_samples: int, *, seed: int = 0, sampler: str | No
     if labels.shape != (num_samples,):
         raise ValueError(f"labels must have shape [num_samples]=({num_samples},), got {labels.shape}")
     batches = sampling.batches(wd.ema_params, jax.random.key(seed), labels, batch_size)
-    chunks = [imgs.to_uint8(out) for out in tqdm(batches, desc="sample", unit="batch",
-                                                   total=-(-num_samples // batch_size))]
+    chunks = [imgs.to_uint8(run.to_images(out)) for out in tqdm(batches, desc="sample", unit="batch",
+                                                                  total=-(-num_samples // batch_size))]
     return np.concatenate(chunks), labels
 
 

@@ -155,7 +155,7 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     labels = imgs.grid_labels(sm.num_samples, num_classes)
 
     def write_samples(host_params, name: str):
-        images = sample_fn(host_params, k_sample, jnp.asarray(labels))
+        images = run.to_images(sample_fn(host_params, k_sample, jnp.asarray(labels)))  # a latent run's: decoded
         if is_main:
             imgs.save_grid(imgs.to_uint8(images), os.path.join(workdir, "samples", f"{name}.png"),
                                ncols=num_classes or None)

@@ -44,8 +44,9 @@ from jaxdiff.training import images as imgs
 from jaxdiff.training.parallel import DataParallel
 from jaxdiff.training.sampling import Sampling
 
-__all__ = ["FEATURES", "FeatureNetwork", "Generated", "Reference", "evaluate_quality", "generated_features",
-           "load_feature_network", "load_reference", "quality_metrics", "training_evaluator", "TrainingEvaluator"]
+__all__ = ["FEATURES", "FeatureNetwork", "check_digits_shape", "Generated", "Reference", "evaluate_quality",
+           "generated_features", "load_feature_network", "load_reference", "quality_metrics", "training_evaluator",
+           "TrainingEvaluator"]
 
 DIMS = {"inception": inception.FEATURE_DIM, "digits": digits.FEATURE_DIM}
 FD_NAMES = {"inception": "fid", "digits": "digits_fd"}  # the result key of the Frechet distance
@@ -61,15 +62,41 @@ class FeatureNetwork:
     sha256: str  # of the weights file
 
 
+def check_digits_shape(image_shape) -> int:
+    """The factor ``k`` by which the digits network average-pools ``(8k, 8k, 1)`` images to its 8x8x1 input
+    (``k = 1``: 8x8 digits as they are; e.g. decoded 32x32 samples of digits upsampled for a latent run
+    give ``k = 4``). ``ValueError`` for any other shape."""
+    h, w, c = tuple(image_shape)
+    if c != 1 or h != w or h % 8:
+        raise ValueError(f"the digits network takes 8x8x1 images (or 8k x 8k x 1, average-pooled to 8x8); this run "
+                         f"makes {tuple(image_shape)}")
+    return h // 8
+
+
+def _digits_input(fn: Callable) -> Callable:
+    """``fn`` of 8x8x1 images -> the same of ``[N, 8k, 8k, 1]`` images, average-pooled ``k x k`` first."""
+
+    def pooled(images):
+        images = np.asarray(images)
+        k = check_digits_shape(images.shape[1:])
+        if k > 1:
+            n = images.shape[0]
+            images = images.reshape(n, 8, k, 8, k, 1).mean(axis=(2, 4), dtype=np.float64).astype(np.float32)
+        return fn(images)
+
+    return pooled
+
+
 def load_feature_network(features: str, inception_path: str | None = None) -> FeatureNetwork:
-    """The feature network ``features`` ("inception": needs ``inception_path``; "digits": the shipped weights).
+    """The feature network ``features`` ("inception": needs ``inception_path``; "digits": the shipped weights,
+    which also take ``8k x 8k x 1`` images, average-pooled to 8x8: :func:`check_digits_shape`).
 
     FileNotFoundError / ValueError naming the weights file when it is missing or is not the network.
     """
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     fn, sha = load_features(features, inception_path if features == "inception" else None)
-    return FeatureNetwork(features, fn, DIMS[features], sha)
+    return FeatureNetwork(features, _digits_input(fn) if features == "digits" else fn, DIMS[features], sha)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +173,13 @@ class Generated:
 
 def generated_features(sampling: Sampling, params, network: FeatureNetwork, *, num_samples: int, seed: int,
                        batch_size: int = 250, keep: int = 10_000, devices: Sequence[jax.Device] | None = None,
-                       progress: bool = True) -> Generated:
+                       progress: bool = True, autoencoder=None) -> Generated:
     """Generates ``num_samples`` images on ``devices`` (default: this process's) and streams their features.
 
     ``sampling``: the run's sampling function (``Run.sampling``); example ``i`` is
     ``sampling.per_example`` of ``fold_in(key(seed), i)`` with label ``grid_labels(...)[i]``.
+    ``autoencoder``: a latent run's (``Run.autoencoder``, :class:`jaxdiff.latents.Autoencoder`), which
+    decodes the samples into images in the same sharded call; ``None``: the samples are images.
     ``batch_size`` is rounded up to a multiple of the device count; the result does not depend
     on either (up to float rounding).
     """
@@ -159,8 +188,13 @@ def generated_features(sampling: Sampling, params, network: FeatureNetwork, *, n
                          f"{batch_size}, {keep}")
     par = DataParallel("sharding", devices=jax.local_devices() if devices is None else devices)
     b = -(-min(batch_size, num_samples) // par.num_devices) * par.num_devices
-    fn = par.compile_batched(lambda replicated, idx, y: sampling.per_example(*replicated, idx, y))
-    replicated = par.put_replicated((params, jax.random.key(seed)))
+
+    def draw(replicated, idx, y):
+        out = sampling.per_example(replicated[0], replicated[1], idx, y)
+        return out if autoencoder is None else autoencoder.decode(replicated[2], out)
+
+    fn = par.compile_batched(draw)
+    replicated = par.put_replicated((params, jax.random.key(seed), None if autoencoder is None else autoencoder.params))
     labels = imgs.grid_labels(num_samples, sampling.num_classes)
     acc, kept = fid.init_statistics(network.dim), []
     for start in tqdm(range(0, num_samples, b), desc=f"sample + {network.name} features", unit="batch",
@@ -232,18 +266,21 @@ def evaluate_quality(workdir: str, *, features: str | None = None, inception_pat
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     _check_files(inception_path, ref_stats)
     wd = load_workdir(workdir)
-    run, config = wd.run, wd.config
-    features = features or _default_features(run.image_shape)
-    if features == "digits" and tuple(run.image_shape) != (8, 8, 1):
-        raise ValueError(f"features 'digits' need 8x8x1 images; {workdir} makes {run.image_shape}")
+    run = wd.run
+    features = features or _default_features(run.output_shape)
+    if features == "digits":
+        try:
+            check_digits_shape(run.output_shape)
+        except ValueError as error:
+            raise ValueError(f"features 'digits': {workdir}: {error}") from None
     sampling = run.sampling(sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
     network = load_feature_network(features, inception_path)
-    reference = load_reference(network, ref_stats=ref_stats, source=run.source, max_images=reference_images,
-                               image_size=config.data.image_size or None)
+    reference = load_reference(network, ref_stats=ref_stats, source=run.image_source, max_images=reference_images,
+                               image_size=run.image_size)
     per_seed = []
     for seed in seeds:
         gen = generated_features(sampling, wd.ema_params, network, num_samples=num_samples, seed=int(seed),
-                                 batch_size=batch_size, keep=keep, progress=progress)
+                                 batch_size=batch_size, keep=keep, progress=progress, autoencoder=run.autoencoder)
         per_seed.append({"seed": int(seed), **quality_metrics(gen, reference, network, kid_subsets=kid_subsets)})
     names = [k for k in per_seed[0] if k != "seed"]
     return {"features": features, "reference": reference.description, "num_samples": num_samples,
@@ -287,12 +324,13 @@ def training_evaluator(config, run) -> TrainingEvaluator | None:
     sampling = run.sampling(sampler=ev.sampler or None, num_steps=ev.steps or None, prefix="config.eval.")
     network = load_feature_network(ev.features, ev.inception or None)
     keep = min(max(ev.num_samples, ev.final_samples), 10_000)
-    reference = load_reference(network, ref_stats=ev.ref_stats or None, source=run.source, max_images=keep,
-                               image_size=config.data.image_size or None)
+    reference = load_reference(network, ref_stats=ev.ref_stats or None, source=run.image_source, max_images=keep,
+                               image_size=run.image_size)
+    autoencoder = run.autoencoder  # a latent run's samples are decoded (loaded once, here)
 
     def evaluate(ema_params, num_samples: int) -> dict:
         gen = generated_features(sampling, ema_params, network, num_samples=num_samples, seed=config.seed,
-                                 batch_size=ev.batch_size, keep=keep)
+                                 batch_size=ev.batch_size, keep=keep, autoencoder=autoencoder)
         return {f"eval/{k}": v for k, v in quality_metrics(gen, reference, network, kid_subsets=10).items()}
 
     return TrainingEvaluator(ev.every, ev.num_samples, ev.final_samples, evaluate)

@@ -38,7 +38,7 @@ __all__ = ["CHANGEABLE_ON_RESUME", "HISTORY_FILE", "check_writable", "config_cha
 CHANGEABLE_ON_RESUME = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.sample_every", "train.learning_rate", "train.ema_decay",
-    "data.prefetch", "data.data_dir", "model.remat", "model.conv_backward", "sample.", "eval.", "parallel.",
+    "data.prefetch", "data.data_dir", "data.vae", "model.remat", "model.conv_backward", "sample.", "eval.", "parallel.",
 )
 HISTORY_FILE = "config_history.jsonl"
 

@@ -9,18 +9,20 @@ raises ``ValueError("config.SECTION.NAME=VALUE: why")`` before anything is compi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import data, objectives, posthoc_ema, schedules
+from jaxdiff import data, latents, objectives, posthoc_ema, schedules
 from jaxdiff.metrics.stats import FEATURES
 from jaxdiff.models import PRESETS, UNet, check_model_image_size, get_model
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
+from jaxdiff.training.quality import check_digits_shape
 from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
@@ -53,6 +55,38 @@ class Run:
     objective: objectives.Objective  # what is trained (jaxdiff.objectives), built from config.diffusion
     model: UNet
     tx: optax.GradientTransformation
+    # A latent run (config.data.latents): the latents' manifest and the autoencoder folder that decodes;
+    # image_shape is then the latent shape, and the run's images come from decoding (to_images).
+    latents: latents.Manifest | None = None
+    vae: str = ""
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images the run makes: ``image_shape``, or a latent run's decoded images."""
+        return tuple(self.latents.image_shape) if self.latents else tuple(self.image_shape)
+
+    @property
+    def image_source(self) -> data.Source:
+        """The images the run's samples are compared with: the training data, or the images a latent run's
+        latents were encoded from (read at :attr:`image_size`)."""
+        return self.latents.image_source() if self.latents else self.source
+
+    @property
+    def image_size(self) -> int | None:
+        """The size :attr:`image_source`'s images are read at (``jaxdiff.data.get_batch``'s ``image_size``)."""
+        size = self.latents.dataset["image_size"] if self.latents else self.config.data.image_size
+        return size or None
+
+    @functools.cached_property
+    def autoencoder(self) -> latents.Autoencoder | None:
+        """A latent run's autoencoder (``config.data.vae`` or the manifest's folder), loaded on first use; else None."""
+        name = "config.data.vae" if self.config.data.get("vae") else "the latents' manifest autoencoder.path"
+        return latents.load_autoencoder(self.vae, name=name) if self.latents else None
+
+    def to_images(self, x, *, batch_size: int = 64):
+        """The run's samples ``x`` ``[N, ...]`` as images ``[N, H, W, C]`` in [-1, 1]: a latent run's decoded
+        (:mod:`jaxdiff.latents`), a pixel run's as they are."""
+        return self.autoencoder.decode_images(x, batch_size=batch_size) if self.latents else x
 
     @property
     def schedule(self) -> schedules.Schedule | None:
@@ -143,6 +177,11 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
         _fail("model.conv_backward", md.conv_backward, f"must be one of {CONV_BACKWARDS}")
     if config.get("eval") is not None:
         _validate_eval(config.eval, sm.sampler, objective, files=num_devices is not None)
+    dt = config.data
+    if dt.get("latent_draw", "sample") not in latents.DRAWS:
+        _fail("data.latent_draw", dt.latent_draw, f"must be one of {latents.DRAWS}")
+    if dt.get("latents") and sm.clip_x0:
+        _fail("sample.clip_x0", True, "a latent run (data.latents) samples latents, not images in [-1, 1]; set False")
     return objective
 
 
@@ -205,18 +244,29 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool,
 def resolve(config, *, num_devices: int | None = None) -> Run:
     """Validates ``config`` and derives the run's facts (reads the dataset's metadata, builds nothing heavy)."""
     objective = validate_config(config, num_devices=num_devices)
-    try:
-        source = data.make_source(config.data.name, config.data.split, config.data.data_dir or None)
-    except ValueError as error:
-        raise ValueError(f"config.data.name={config.data.name!r}: {error}") from None
-    info = source.info
-    size = config.data.image_size or None
-    image_shape = (size, size, info.image_shape[2]) if size else tuple(info.image_shape)
-    if None in image_shape:
-        _fail("data.image_size", config.data.image_size, f"dataset {info.name!r} has images of varying size; set it")
+    dt = config.data
+    manifest, vae = None, ""
+    if dt.get("latents"):
+        source, image_shape = _latent_source(dt)
+        manifest, vae = source.manifest, dt.get("vae") or source.manifest.autoencoder["path"]
+        output_shape = manifest.image_shape
+    else:
+        try:
+            source = data.make_source(dt.name, dt.split, dt.data_dir or None)
+        except ValueError as error:
+            raise ValueError(f"config.data.name={dt.name!r}: {error}") from None
+        size = dt.image_size or None
+        image_shape = (size, size, source.info.image_shape[2]) if size else tuple(source.info.image_shape)
+        if None in image_shape:
+            _fail("data.image_size", dt.image_size, f"dataset {dt.name!r} has images of varying size; set it")
+        output_shape = image_shape
+    info, size = source.info, dt.image_size or None
     ev = config.get("eval")
-    if ev is not None and (ev.every or ev.final_samples) and ev.features == "digits" and image_shape != (8, 8, 1):
-        _fail("eval.features", "digits", f"the digits network takes 8x8x1 images; this run makes {image_shape}")
+    if ev is not None and (ev.every or ev.final_samples) and ev.features == "digits":
+        try:
+            check_digits_shape(output_shape)
+        except ValueError as error:
+            _fail("eval.features", "digits", str(error))
     if config.model.class_conditional and info.num_classes is None:
         _fail("model.class_conditional", True, f"dataset {info.name!r} has no labels")
     num_classes = info.num_classes if config.model.class_conditional else None
@@ -226,11 +276,32 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
         check_model_image_size(model, image_shape[0])
     except ValueError as error:
         field = "patch_size" if hasattr(model, "patch_size") else "ch_mult"
-        _fail("data.image_size" if size else f"model.{field}", size or getattr(model, field), str(error))
+        if size and manifest is None:
+            _fail("data.image_size", size, str(error))
+        _fail(f"model.{field}", getattr(model, field), f"{error}{' (the latent size)' if manifest else ''}")
     tr = config.train
     tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
     return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes, objective=objective,
-               model=model, tx=tx)
+               model=model, tx=tx, latents=manifest, vae=vae)
+
+
+def _latent_source(dt) -> tuple[latents.LatentSource, tuple[int, int, int]]:
+    """The latents of ``config.data.latents`` and their shape; the folder must be a complete encoding of
+    ``config.data``'s images (name, split, image size) and hold flips if ``random_flip`` asks for them."""
+    try:
+        source = latents.LatentSource(dt.latents, draw=dt.get("latent_draw", "sample"), name="config.data.latents")
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(str(error)) from None
+    m = source.manifest
+    if (m.dataset["name"], m.dataset["split"]) != (dt.name, dt.split):
+        _fail("data.latents", dt.latents, f"encodes {m.dataset['name']}/{m.dataset['split']}, but config.data names "
+                                          f"{dt.name}/{dt.split}")
+    if dt.image_size and dt.image_size != m.image_shape[0]:
+        _fail("data.image_size", dt.image_size, f"the latents were encoded from {m.image_shape[0]}x{m.image_shape[1]} "
+                                                f"images; set 0 or {m.image_shape[0]}")
+    if dt.random_flip and not m.flips:
+        _fail("data.random_flip", True, f"the latents in {dt.latents} hold no flipped images (jaxdiff-encode --flip)")
+    return source, tuple(m.latent_shape)
 
 
 def get_config(name: str):
