@@ -1,5 +1,6 @@
-"""Networks: the DDPM UNet and DiT, their building blocks and presets, and the UNet for NNX users."""
+"""Networks: the DDPM UNet, DiT and the Stable Diffusion autoencoder, their blocks and presets, and NNX's UNet."""
 
+from jaxdiff.models.autoencoder import AutoencoderKL, sample_latents, sd_vae
 from jaxdiff.models.diffusers import from_diffusers, to_diffusers
 from jaxdiff.models.diffusers_pipeline import (
     DiffusersPipeline,
@@ -22,6 +23,7 @@ from jaxdiff.models.unet import (
 )
 
 __all__ = [
+    "AutoencoderKL",
     "PRESETS",
     "DiT",
     "DiTLayout",
@@ -38,6 +40,8 @@ __all__ = [
     "from_linen_params",
     "get_model",
     "nnx_unet",
+    "sample_latents",
+    "sd_vae",
     "small",
     "timestep_embedding",
     "tiny",

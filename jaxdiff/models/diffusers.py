@@ -1,4 +1,5 @@
-"""Import and export of diffusers model folders: ``UNet2DModel`` (the DDPM family) and ``DiTTransformer2DModel``.
+"""Import and export of diffusers model folders: ``UNet2DModel`` (the DDPM family), ``DiTTransformer2DModel``
+and ``AutoencoderKL`` (the Stable Diffusion autoencoder).
 
 A folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors``. Weights are read
 with ``safetensors.numpy`` (nothing loaded executes code); a ``.bin`` (pickle) file is refused
@@ -11,7 +12,9 @@ with the command that converts it. Example::
 :func:`from_diffusers` dispatches on ``config.json``'s ``_class_name``. The supported settings,
 and what is refused, are listed in :mod:`jaxdiff.models.diffusers_config` (``UNet2DModel``) and
 :mod:`jaxdiff.models.diffusers_dit` (``DiTTransformer2DModel``, imported as a
-:class:`~jaxdiff.models.DiT` with diffusers' layout). Both attention namings are read: ``to_q``/``to_k``/
+:class:`~jaxdiff.models.DiT` with diffusers' layout) and :mod:`jaxdiff.models.diffusers_vae`
+(``AutoencoderKL``, imported as an :class:`~jaxdiff.models.AutoencoderKL` that carries the folder's
+``scaling_factor`` and ``shift_factor`` as fields). Both attention namings are read: ``to_q``/``to_k``/
 ``to_v``/``to_out.0`` and the google/ddpm-* checkpoints' ``query``/``key``/``value``/``proj_attn``;
 export writes the former.
 """
@@ -27,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models import diffusers_dit
+from jaxdiff.models import diffusers_dit, diffusers_vae
+from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.diffusers_config import (
     WRITTEN_VERSION,
     config_from_unet,
@@ -39,7 +43,7 @@ from jaxdiff.models.unet import UNet
 __all__ = ["CONVERT_BIN_COMMAND", "WRITTEN_VERSION", "diffusers_names", "from_diffusers", "to_diffusers"]
 
 CONFIG_NAME = "config.json"
-CLASS_NAMES = ("UNet2DModel", diffusers_dit.CLASS_NAME)  # what from_diffusers reads
+CLASS_NAMES = ("UNet2DModel", diffusers_dit.CLASS_NAME, diffusers_vae.CLASS_NAME)  # what from_diffusers reads
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_NAME = "diffusion_pytorch_model.bin"
 # Converts a pickle (.bin) folder in place; needs torch and diffusers, and runs torch.load on the file.
@@ -148,15 +152,25 @@ def _keys(path) -> tuple[str, ...]:
     return tuple(p.key for p in path)
 
 
-def from_diffusers(path: str) -> tuple[UNet | DiT, dict]:
-    """Loads a diffusers ``UNet2DModel`` or ``DiTTransformer2DModel`` folder as ``(model, params)``.
+def from_diffusers(path: str) -> tuple[UNet | DiT | AutoencoderKL, dict]:
+    """Loads a diffusers ``UNet2DModel``, ``DiTTransformer2DModel`` or ``AutoencoderKL`` folder as ``(model, params)``.
 
     ``model.apply({"params": params}, x, t[, y])`` with ``x: [B, H, W, C]`` and ``t: [B]``
     returns diffusers' ``UNet2DModel(x_nchw, t[, y]).sample`` (or
-    ``DiTTransformer2DModel(x_nchw, timestep=t, class_labels=y).sample``) in NHWC. Every tensor of
+    ``DiTTransformer2DModel(x_nchw, timestep=t, class_labels=y).sample``) in NHWC. An autoencoder's
+    ``model.apply({"params": params}, x, method=model.encode)`` returns ``(mean, logvar)`` (diffusers'
+    ``encode(x).latent_dist``), ``method=model.decode`` images; ``model.scaling_factor`` and
+    ``model.shift_factor`` are the folder's (not applied by the model). Every tensor of
     the file fills a parameter and every parameter is filled, or ``ValueError`` names the leftovers.
     """
     config = _read_config(path)
+    if config.get("_class_name") == diffusers_vae.CLASS_NAME:
+        try:
+            vae, _ = diffusers_vae.vae_from_config(config)
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
+        file, tensors = _read_tensors(path)
+        return vae, diffusers_vae.params_from_tensors(diffusers_vae.param_shapes(vae), tensors, file)
     if config.get("_class_name") == diffusers_dit.CLASS_NAME:
         try:
             model, info = diffusers_dit.dit_from_config(config)
@@ -219,19 +233,26 @@ def _write(path: str, config: dict, tensors: dict) -> str:
     return path
 
 
-def to_diffusers(model: UNet | DiT, params, path: str, *, sample_size: int | None = None,
+def to_diffusers(model: UNet | DiT | AutoencoderKL, params, path: str, *, sample_size: int | None = None,
                  in_channels: int | None = None) -> str:
-    """Writes ``(model, params)`` as a diffusers ``UNet2DModel`` (``DiTTransformer2DModel`` for a DiT)
-    folder at ``path`` and returns ``path``.
+    """Writes ``(model, params)`` as a diffusers ``UNet2DModel`` (``DiTTransformer2DModel`` for a DiT,
+    ``AutoencoderKL`` for an autoencoder) folder at ``path`` and returns ``path``.
 
     The folder must not exist or be empty. Fields without a diffusers counterpart raise
     ``ValueError`` naming them (see :func:`~jaxdiff.models.diffusers_config.config_from_unet` and
     :func:`~jaxdiff.models.diffusers_dit.config_from_dit`: a DiT exports with diffusers' layout
     only, ``layout.freq_shift=1``). ``learn_sigma`` models export with ``out_channels = 2 C``.
     ``in_channels``: a DiT's input channels when ``out_channels`` is set (otherwise read from the params).
+    An autoencoder's ``sample_size`` is diffusers' tiling size (default 32).
     """
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path!r} exists and is not an empty folder: not overwriting it")
+    if isinstance(model, AutoencoderKL):
+        if in_channels is not None:
+            raise ValueError("in_channels: not an AutoencoderKL setting (the model has in_channels)")
+        _check_tree(params, diffusers_vae.param_shapes(model))
+        config = diffusers_vae.config_from_vae(model, sample_size)
+        return _write(path, config, diffusers_vae.tensors_from_params(params))
     if isinstance(model, DiT):
         kernel = params.get("patch_embed", {}).get("kernel") if isinstance(params, Mapping) else None
         if kernel is None or np.ndim(kernel) != 4:
