@@ -279,27 +279,25 @@ def _folder_sha256(folder: str) -> str:
 
 def load_autoencoder(path: str, *, name: str = "--vae") -> Autoencoder:
     """The ``AutoencoderKL`` of a diffusers folder (``config.json`` + safetensors weights), through
-    :func:`jaxdiff.models.from_diffusers`, with its ``scaling_factor`` / ``shift_factor`` from the config.
+    :func:`jaxdiff.models.from_diffusers`, with its ``scaling_factor`` / ``shift_factor`` (its ``config.json``'s).
 
     ``ValueError`` naming ``name`` (the flag or setting that gave ``path``) for a missing folder or
     one that does not hold an autoencoder.
     """
     from jaxdiff.models import from_diffusers  # here: only latent runs need the models
+    from jaxdiff.models.autoencoder import AutoencoderKL
 
     if not path or not os.path.isdir(path):
         raise ValueError(f"{name}={path!r}: no such folder (a diffusers AutoencoderKL folder: config.json and "
                          f"diffusion_pytorch_model.safetensors)")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{name}={path!r}: no config.json there; give a diffusers AutoencoderKL folder")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("_class_name") != "AutoencoderKL":
-        raise ValueError(f"{name}={path!r}: _class_name={config.get('_class_name')!r}, expected 'AutoencoderKL'")
     try:
         module, params = from_diffusers(path)
     except (ValueError, FileNotFoundError) as error:
         raise ValueError(f"{name}={path!r}: {error}") from None
-    return Autoencoder(module=module, params=params, scaling_factor=float(config.get("scaling_factor", 0.18215)),
-                       shift_factor=float(config.get("shift_factor") or 0.0), path=os.path.abspath(path),
+    if not isinstance(module, AutoencoderKL):
+        raise ValueError(f"{name}={path!r} holds a {type(module).__name__}, not an AutoencoderKL")
+    return Autoencoder(module=module, params=params, scaling_factor=float(module.scaling_factor),
+                       shift_factor=float(module.shift_factor or 0.0), path=os.path.abspath(path),
                        sha256=_folder_sha256(path))
