@@ -39,7 +39,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the data order, noise and Hutchinson pr
 flags.DEFINE_string("ema", None, "sigma_rel=S: evaluate the post-hoc EMA reconstruction of S (jaxdiff-posthoc-ema).")
 flags.DEFINE_bool("bpd", True, "Report bits/dim (--nobpd: skip them).")
 flags.DEFINE_bool("fid", False, "Report sample quality: FID (or the digits FD), KID, precision/recall.")
-flags.DEFINE_enum("features", None, ["inception", "digits"], "Feature network (default: digits for 8x8x1 images).")
+flags.DEFINE_enum("features", None, ["inception", "digits"],
+                  "Feature network (default: digits for 8x8x1 images or upsampled digits, else inception).")
 flags.DEFINE_string("inception", None, "FID Inception weights (.safetensors) for --features inception.")
 flags.DEFINE_string("ref_stats", None, "Reference statistics (.npz, python -m jaxdiff.metrics.stats); default: "
                     "the held-out digits (digits network) or the first --reference_images dataset images.")

@@ -234,8 +234,16 @@ def quality_metrics(generated: Generated, reference: Reference, network: Feature
     return out
 
 
-def _default_features(image_shape) -> str:
-    return "digits" if tuple(image_shape) == (8, 8, 1) else "inception"
+def _default_features(image_shape, dataset: str) -> str:
+    """digits for 8x8x1 images and for the digits dataset at any size the digits network pools (a latent run on
+    upsampled digits); inception otherwise."""
+    if tuple(image_shape) == (8, 8, 1):
+        return "digits"
+    try:
+        check_digits_shape(image_shape)
+    except ValueError:
+        return "inception"
+    return "digits" if dataset == data.DIGITS else "inception"
 
 
 def _check_files(inception_path: str | None, ref_stats: str | None) -> None:
@@ -251,7 +259,8 @@ def evaluate_quality(workdir: str, *, features: str | None = None, inception_pat
                      reference_images: int = 10_000, kid_subsets: int = 100, progress: bool = True) -> dict:
     """Sample quality of ``workdir``'s EMA model, one run of ``num_samples`` per seed.
 
-    ``features``: "inception" or "digits" (default: digits for 8x8x1 images, else inception).
+    ``features``: "inception" or "digits" (default: digits for 8x8x1 images and the digits dataset at any
+    ``8k x 8k x 1`` size, else inception).
     Every input (files, feature dimension, sampler options) is checked before any sample is
     drawn. Returns the settings, ``per_seed`` results (:func:`quality_metrics` plus ``seed``) and
     their ``min`` and ``mean`` over seeds.
@@ -267,7 +276,7 @@ def evaluate_quality(workdir: str, *, features: str | None = None, inception_pat
     _check_files(inception_path, ref_stats)
     wd = load_workdir(workdir)
     run = wd.run
-    features = features or _default_features(run.output_shape)
+    features = features or _default_features(run.output_shape, run.source.info.name)
     if features == "digits":
         try:
             check_digits_shape(run.output_shape)
