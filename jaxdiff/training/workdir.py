@@ -31,7 +31,8 @@ class Workdir:
     @property
     def pipeline(self):
         """The :class:`~jaxdiff.pipeline.Pipeline` of the EMA parameters with the run's ``config.sample`` defaults:
-        ``load_workdir(W).pipeline.sample(jax.random.key(s), n)`` draws ``sample_workdir(W, seed=s)``'s images."""
+        ``load_workdir(W).pipeline.sample(jax.random.key(s), n)`` draws ``sample_workdir(W, seed=s)``'s images.
+        A latent run's pipeline draws latents in model space: ``run.to_images`` decodes them."""
         from jaxdiff.pipeline import Pipeline
 
         return Pipeline.from_sampling(self.run.sampling(), self.ema_params)
