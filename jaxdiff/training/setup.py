@@ -62,13 +62,14 @@ class Run:
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of the images the run makes: ``image_shape``, or a latent run's decoded images."""
+        """The shape ``(H, W, C)`` of the images the run makes (``image_shape``, or that of a latent run's decoded
+        images)."""
         return tuple(self.latents.image_shape) if self.latents else tuple(self.image_shape)
 
     @property
     def image_source(self) -> data.Source:
-        """The images the run's samples are compared with: the training data, or the images a latent run's
-        latents were encoded from (read at :attr:`image_size`)."""
+        """The images the run's samples are compared with (the training data, or the images a latent run's
+        latents were encoded from, read at :attr:`image_size`)."""
         return self.latents.image_source() if self.latents else self.source
 
     @property
