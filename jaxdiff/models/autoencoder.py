@@ -191,7 +191,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x``: images ``[B, H, W, in_channels]`` in ``[-1, 1]`` -> ``(mean, logvar)``, each
-        ``[B, ceil(H/f), ceil(W/f), latent_channels]`` float32 (``logvar`` clipped to :data:`LOGVAR_RANGE`)."""
+        ``[B, H // f, W // f, latent_channels]`` float32 (``logvar`` clipped to :data:`LOGVAR_RANGE`)."""
         self._check(x, self.in_channels, "x", "encode")
         moments = self.encoder(x.astype(self.dtype))
         if self.quant_conv is not None:
