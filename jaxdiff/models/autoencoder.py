@@ -170,6 +170,7 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.block_out_channels) - 1)
 
     def setup(self) -> None:
+        """Checks the fields (``ValueError`` naming them) and builds the encoder, decoder and 1x1 convs."""
         chans = tuple(self.block_out_channels)
         if not chans or any(c < 1 or c % self.norm_num_groups for c in chans):
             raise ValueError(f"AutoencoderKL: block_out_channels={chans} must be non-empty and each divisible by "
@@ -191,7 +192,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x``: images ``[B, H, W, in_channels]`` in ``[-1, 1]`` -> ``(mean, logvar)``, each
-        ``[B, H // f, W // f, latent_channels]`` float32 (``logvar`` clipped to :data:`LOGVAR_RANGE`)."""
+        ``[B, H // f, W // f, latent_channels]`` float32 (``logvar`` clipped to ``LOGVAR_RANGE``)."""
         self._check(x, self.in_channels, "x", "encode")
         moments = self.encoder(x.astype(self.dtype))
         if self.quant_conv is not None:
