@@ -106,8 +106,7 @@ class Encoder(nn.Module):
             for j in range(self.layers_per_block):
                 h = ResnetBlock(ch, self.groups, self.dtype, name=f"down_blocks_{i}_resnets_{j}")(h)
             if i < len(chans) - 1:  # pad (0, 1) on H and W, then a valid stride-2 conv (Downsample2D)
-                h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
-                h = nn.Conv(ch, (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                h = nn.Conv(ch, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), dtype=self.dtype,
                             name=f"down_blocks_{i}_downsamplers_0_conv")(h)
         h = _MidBlock(self.groups, self.mid_block_add_attention, self.dtype, name="mid_block")(h)
         h = nn.silu(group_norm(chans[-1], self.dtype, "conv_norm_out", self.groups, NORM_EPS)(h))
