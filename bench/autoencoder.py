@@ -9,7 +9,7 @@ script checks the outputs agree before timing). Encode maps images to the poster
 ``(mean, logvar)``; decode maps latents to images. The cases alternate (jaxdiff encode, torch
 encode, jaxdiff decode, torch decode, ...) after one warm-up call each, medians reported;
 PyTorch runs at its default thread count and at 1 thread, and the ratio is against the faster.
-"speed vs torch" is torch's time over jaxdiff's (the issue's goal: >= 0.75). Without torch and
+"speed vs torch" is torch's time over jaxdiff's (the goal: >= 0.75). Without torch and
 diffusers (or with ``--no-torch``, e.g. on an accelerator) jaxdiff alone is timed, on weights from
 ``init``.
 
