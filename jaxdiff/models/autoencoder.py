@@ -106,8 +106,7 @@ class Encoder(nn.Module):
             for j in range(self.layers_per_block):
                 h = ResnetBlock(ch, self.groups, self.dtype, name=f"down_blocks_{i}_resnets_{j}")(h)
             if i < len(chans) - 1:  # pad (0, 1) on H and W, then a valid stride-2 conv (Downsample2D)
-                h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
-                h = nn.Conv(ch, (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                h = nn.Conv(ch, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), dtype=self.dtype,
                             name=f"down_blocks_{i}_downsamplers_0_conv")(h)
         h = _MidBlock(self.groups, self.mid_block_add_attention, self.dtype, name="mid_block")(h)
         h = nn.silu(group_norm(chans[-1], self.dtype, "conv_norm_out", self.groups, NORM_EPS)(h))
@@ -170,6 +169,7 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.block_out_channels) - 1)
 
     def setup(self) -> None:
+        """Checks the fields (``ValueError`` naming them) and builds the encoder, decoder and 1x1 convs."""
         chans = tuple(self.block_out_channels)
         if not chans or any(c < 1 or c % self.norm_num_groups for c in chans):
             raise ValueError(f"AutoencoderKL: block_out_channels={chans} must be non-empty and each divisible by "
@@ -191,7 +191,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x``: images ``[B, H, W, in_channels]`` in ``[-1, 1]`` -> ``(mean, logvar)``, each
-        ``[B, ceil(H/f), ceil(W/f), latent_channels]`` float32 (``logvar`` clipped to :data:`LOGVAR_RANGE`)."""
+        ``[B, H // f, W // f, latent_channels]`` float32 (``logvar`` clipped to ``LOGVAR_RANGE``)."""
         self._check(x, self.in_channels, "x", "encode")
         moments = self.encoder(x.astype(self.dtype))
         if self.quant_conv is not None:
