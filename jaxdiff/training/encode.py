@@ -67,7 +67,7 @@ def encode_dataset(output: str, *, vae: str, dataset: str = "digits", split: str
     this many shards in this call (the rest on a later call). ``log``: receives one progress line per shard.
 
     Every argument, the output folder and the autoencoder are checked before any image is encoded
-    (``ValueError`` / ``FileExistsError`` naming the flag).
+    (``ValueError`` / ``FileExistsError`` naming the flag). One process only (a multi-host job is refused).
     """
     for name, value in (("--shard_size", shard_size), ("--batch_size", batch_size)):
         if not isinstance(value, int) or value <= 0:
@@ -76,6 +76,9 @@ def encode_dataset(output: str, *, vae: str, dataset: str = "digits", split: str
         raise ValueError(f"--image_size must be positive, got {image_size}")
     if max_shards is not None and max_shards <= 0:
         raise ValueError(f"--max_shards must be positive, got {max_shards}")
+    if jax.process_count() > 1:
+        raise ValueError(f"jaxdiff-encode runs in one process (this job has {jax.process_count()}); encode on one "
+                         f"host, then copy --output to the others")
     saved = None
     if os.path.exists(output):
         if not os.path.isdir(output):
