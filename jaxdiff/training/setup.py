@@ -20,7 +20,7 @@ from jaxdiff.metrics.stats import FEATURES
 from jaxdiff.models import PRESETS, UNet, check_model_image_size, get_model
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
-from jaxdiff.training.parallel import MODES
+from jaxdiff.training.parallel import MODES, mesh_shape
 from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
@@ -116,6 +116,11 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
               f"must be divisible by the number of devices ({num_devices})")
     if config.parallel.mode not in MODES:
         _fail("parallel.mode", config.parallel.mode, f"must be one of {MODES}")
+    if config.parallel.mode == "fsdp" and num_devices is not None:
+        try:
+            mesh_shape(num_devices, config.parallel.get("data", 1), config.parallel.get("fsdp", -1))
+        except ValueError as error:
+            raise ValueError(f"config.{error}") from None
     objective = objectives.from_config(df)  # checks the settings the objective uses
     phema = tr.get("posthoc_ema")
     if phema is not None and len(phema.sigma_rels):
