@@ -119,4 +119,5 @@ def get_config() -> ml_collections.ConfigDict:
     # state is sharded over the fsdp axis and replicated over the data axis; the batch over both.
     config.parallel.data = 1
     config.parallel.fsdp = -1
+    config.parallel.min_shard_size = 2**14  # fsdp only: leaves of fewer elements stay replicated
     return config

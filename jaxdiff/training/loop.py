@@ -30,9 +30,8 @@ import tqdm
 from jaxdiff import data
 from jaxdiff.training import checkpoint, memory, phema, quality, resume
 from jaxdiff.training import images as imgs
-from jaxdiff.training.parallel import DataParallel
 from jaxdiff.training.preemption import Stopped, StopSignals
-from jaxdiff.training.setup import resolve
+from jaxdiff.training.setup import make_parallel, resolve
 from jaxdiff.training.step import train_step
 
 __all__ = ["train_and_evaluate", "MetricsWriter"]
@@ -129,9 +128,9 @@ def train_and_evaluate(config, workdir: str, *, handle_signals: bool = True,
 
 def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     is_main = jax.process_index() == 0
-    tr, sm, pc = config.train, config.sample, config.parallel
+    tr, sm = config.train, config.sample
     run = resolve(config, num_devices=jax.device_count())  # every check, before anything is written
-    par = DataParallel(pc.mode, data=pc.get("data", 1), fsdp=pc.get("fsdp", -1))
+    par = make_parallel(config)
     resume.check_writable(workdir)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     num_classes = run.num_classes

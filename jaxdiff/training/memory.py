@@ -128,11 +128,10 @@ def plan(config, *, devices: Sequence[jax.Device] | None = None, compile: bool =
     ``jax.ShapeDtypeStruct`` arguments carrying the shardings (no buffers), for ``step_peak_bytes``.
     Bad settings raise ValueError as they do at the start of training.
     """
-    from jaxdiff.training.setup import resolve
+    from jaxdiff.training.setup import make_parallel, resolve
     from jaxdiff.training.step import train_step
 
-    pc = config.parallel
-    par = DataParallel(pc.mode, devices, data=pc.get("data", 1), fsdp=pc.get("fsdp", -1))
+    par = make_parallel(config, devices)
     run = resolve(config, num_devices=par.num_devices)
     key = jax.random.key(config.seed)
     state = par.abstract_state(jax.eval_shape(state_initializer(run), key))

@@ -20,12 +20,12 @@ from jaxdiff.metrics.stats import FEATURES
 from jaxdiff.models import PRESETS, UNet, check_model_image_size, get_model
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
-from jaxdiff.training.parallel import MODES, mesh_shape
+from jaxdiff.training.parallel import MIN_SHARDED_SIZE, MODES, DataParallel, mesh_shape
 from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
 __all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "get_config", "SCHEDULES",
-           "OBJECTIVES", "MODEL_OVERRIDES"]
+           "OBJECTIVES", "MODEL_OVERRIDES", "make_parallel"]
 
 OBJECTIVES = objectives.names()
 DTYPES = ("float32", "bfloat16", "float16")
@@ -120,7 +120,10 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
         try:
             mesh_shape(num_devices, config.parallel.get("data", 1), config.parallel.get("fsdp", -1))
         except ValueError as error:
-            raise ValueError(f"config.{error}") from None
+            raise ValueError(str(error).replace("parallel.", "config.parallel.")) from None
+        min_size = config.parallel.get("min_shard_size", MIN_SHARDED_SIZE)
+        if not isinstance(min_size, int) or min_size < 0:
+            _fail("parallel.min_shard_size", min_size, "must be an integer >= 0")
     objective = objectives.from_config(df)  # checks the settings the objective uses
     phema = tr.get("posthoc_ema")
     if phema is not None and len(phema.sigma_rels):
@@ -236,6 +239,13 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
     return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes, objective=objective,
                model=model, tx=tx)
+
+
+def make_parallel(config, devices=None) -> DataParallel:
+    """The :class:`~jaxdiff.training.parallel.DataParallel` of ``config.parallel`` over ``devices`` (default: all)."""
+    pc = config.parallel
+    return DataParallel(pc.mode, devices, data=pc.get("data", 1), fsdp=pc.get("fsdp", -1),
+                        min_shard_size=pc.get("min_shard_size", MIN_SHARDED_SIZE))
 
 
 def get_config(name: str):
