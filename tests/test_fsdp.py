@@ -232,3 +232,12 @@ def test_plan_flags_without_plan_are_an_error(tmp_path):
     proc = subprocess.run(train_command(tmp_path, "--plan_devices=4"), env=_plan_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 1 and "error: --plan_devices" in proc.stderr
+
+
+def test_compile_batched_and_any_process_work_on_the_fsdp_mesh():
+    par = DataParallel("fsdp", data=2)
+    w = np.arange(12.0, dtype=np.float32).reshape(3, 4)
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    out = par.compile_batched(lambda p, a: a @ p)(par.put_replicated(w), x)
+    np.testing.assert_allclose(np.asarray(out), x.astype(np.float64) @ w, rtol=1e-5)
+    assert not bool(par.any_process(False)) and bool(par.any_process(True))

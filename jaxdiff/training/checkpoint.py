@@ -1,5 +1,11 @@
 """Checkpoints with orbax: the train state (array leaves only) and the config as JSON beside it.
 
+The state is saved as global arrays of its unstacked shapes: a host copy, or arrays sharded over
+a mesh (fsdp), of which each host writes its own shards. The files do not depend on which, so a
+checkpoint restores onto any mesh, device count or mode: as NumPy arrays, or straight into shards
+when the target's leaves are ``jax.ShapeDtypeStruct`` carrying the new shardings (each host reads
+only its own; :meth:`jaxdiff.training.parallel.DataParallel.restore_target`).
+
 Nothing here executes code on load: the state is restored into the structure of a freshly
 initialised state (no pickle), the config is plain JSON. Saves are asynchronous and atomic
 (orbax writes a temporary folder and renames it when complete), so a job killed mid-save
