@@ -11,7 +11,7 @@ Three modes place the same computation on the devices of every host:
 * ``"fsdp"``: ``jax.jit`` over a 2-D ``Mesh`` ``("data", "fsdp")`` (sizes :func:`mesh_shape`); the
   batch is sharded over both axes and every leaf of the train state (parameters, optimizer
   state, EMA, post-hoc EMA) is sharded over ``"fsdp"`` on its largest axis divisible by the
-  ``fsdp`` size (:func:`fsdp_spec`); leaves of fewer than :data:`MIN_SHARDED_SIZE` elements, or
+  ``fsdp`` size (:func:`fsdp_spec`); leaves of fewer than ``MIN_SHARDED_SIZE`` (2^14) elements, or
   with no divisible axis, are replicated. The step is the same pure function: XLA inserts the
   all-gathers of the parameters and the reduce-scatters of the gradients.
 
