@@ -119,5 +119,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 250
 
     config.parallel = ml_collections.ConfigDict()
-    config.parallel.mode = "pmap"  # pmap | sharding
+    config.parallel.mode = "pmap"  # pmap | sharding | fsdp (jaxdiff.training.parallel)
+    # fsdp only: the 2-D mesh's sizes (data x fsdp = all devices; -1 = all remaining devices). The
+    # state is sharded over the fsdp axis and replicated over the data axis; the batch over both.
+    config.parallel.data = 1
+    config.parallel.fsdp = -1
+    config.parallel.min_shard_size = 2**14  # fsdp only: leaves of fewer elements stay replicated
     return config

@@ -9,6 +9,17 @@ run at the next step boundary with a checkpoint and exits with code 128 + signal
 SIGTERM, 130 for SIGINT); the same command resumes. A second signal exits at once. On a
 multi-host slice every host runs the same command (on Cloud TPU, JAX finds its peers by
 itself; elsewhere pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``).
+
+At start-up the job writes ``WORKDIR/memory.json`` (the state's and the step's memory per device,
+:mod:`jaxdiff.training.memory`). ``--plan`` writes and prints the same report without training or
+allocating the state (``jax.eval_shape`` and a compile on abstract arrays); ``--plan_devices N``
+plans for N devices simulated on the host CPU (the state's bytes are exact for any backend; the
+step's peak is then XLA:CPU's), and ``--noplan_compile`` skips the compile (``step_peak_bytes``
+null), e.g. for a DiT-XL/2 on 64 devices::
+
+    jaxdiff-train --config jaxdiff/configs/digits.py --workdir /tmp/plan --plan --plan_devices 64 \
+        --config.model.preset=dit_xl_2 --config.data.image_size=32 --config.eval.final_samples=0 \
+        --config.parallel.mode=fsdp --config.train.global_batch_size=256
 """
 
 import os
@@ -25,10 +36,36 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (hosts), for jax.distributed.")
 flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
+flags.DEFINE_bool("plan", False, "Only write and print WORKDIR/memory.json (the memory per device), without "
+                  "training or allocating the state.")
+flags.DEFINE_integer("plan_devices", None, "With --plan: plan for this many devices, simulated on the host CPU "
+                     "(default: the devices present).")
+flags.DEFINE_bool("plan_compile", True, "With --plan: compile the step on abstract arrays for step_peak_bytes "
+                  "(--noplan_compile: null, and much faster for large models).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def plan(config, workdir: str) -> None:
+    """``--plan``: writes and prints the memory report of ``config`` (:func:`jaxdiff.training.memory.plan`)."""
+    import jax
+
+    if FLAGS.plan_devices is not None:
+        if FLAGS.plan_devices < 1:
+            raise ValueError(f"--plan_devices={FLAGS.plan_devices}: must be a positive number of devices")
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", FLAGS.plan_devices)
+    from jaxdiff.training import memory, resume
+
+    report = memory.plan(config, compile=FLAGS.plan_compile)
+    resume.check_writable(workdir)
+    memory.write(workdir, report)
+
+
 def main(argv):
+    if FLAGS.plan:
+        return plan(FLAGS.config, FLAGS.workdir)
+    if FLAGS.plan_devices is not None or not FLAGS.plan_compile:
+        raise ValueError("--plan_devices and --noplan_compile are options of --plan")
     import jax
 
     if FLAGS.coordinator_address or FLAGS.num_processes:

@@ -1,9 +1,11 @@
 """The training job: config -> run (:mod:`~jaxdiff.training.setup`), the pure step
-(:mod:`~jaxdiff.training.step`), data parallelism (:mod:`~jaxdiff.training.parallel`, the only
-module that knows pmap and meshes), orbax checkpoints (:mod:`~jaxdiff.training.checkpoint`), the
-loop (:mod:`~jaxdiff.training.loop`) with its start-up checks (:mod:`~jaxdiff.training.resume`) and
-clean stops on signals (:mod:`~jaxdiff.training.preemption`), and generating from / evaluating a workdir
-(:mod:`~jaxdiff.training.generate`, :mod:`~jaxdiff.training.workdir`, :mod:`~jaxdiff.training.evaluate`).
+(:mod:`~jaxdiff.training.step`), data parallelism and the fsdp mode
+(:mod:`~jaxdiff.training.parallel`, the only module that knows pmap and meshes), the memory per
+device (:mod:`~jaxdiff.training.memory`), orbax checkpoints (:mod:`~jaxdiff.training.checkpoint`),
+the loop (:mod:`~jaxdiff.training.loop`) with its start-up checks (:mod:`~jaxdiff.training.resume`)
+and clean stops on signals (:mod:`~jaxdiff.training.preemption`), and generating from / evaluating a
+workdir (:mod:`~jaxdiff.training.generate`, :mod:`~jaxdiff.training.workdir`,
+:mod:`~jaxdiff.training.evaluate`).
 """
 
 from jaxdiff.training.evaluate import evaluate_workdir

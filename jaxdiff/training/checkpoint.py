@@ -1,5 +1,11 @@
 """Checkpoints with orbax: the train state (array leaves only) and the config as JSON beside it.
 
+The state is saved as global arrays of its unstacked shapes: a host copy, or arrays sharded over
+a mesh (fsdp), of which each host writes its own shards. The files do not depend on which, so a
+checkpoint restores onto any mesh, device count or mode: as NumPy arrays, or straight into shards
+when the target's leaves are ``jax.ShapeDtypeStruct`` carrying the new shardings (each host reads
+only its own; :meth:`jaxdiff.training.parallel.DataParallel.restore_target`).
+
 Nothing here executes code on load: the state is restored into the structure of a freshly
 initialised state (no pickle), the config is plain JSON. Saves are asynchronous and atomic
 (orbax writes a temporary folder and renames it when complete), so a job killed mid-save
@@ -32,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -50,13 +57,15 @@ def open_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True)
 
 
 def save(manager: ocp.CheckpointManager, step: int, host_state: Any, config: dict) -> None:
-    """Saves a host (NumPy) state and the config dict at ``step`` (asynchronously).
+    """Saves a state and the config dict at ``step`` (asynchronously).
 
-    Raises ValueError (and saves nothing) if any leaf of the state is not finite.
+    ``host_state``: NumPy arrays, or global ``jax.Array`` leaves (e.g. sharded over a mesh: each host
+    writes its own shards; the files are the same as a host copy's, so either restores as the other).
+    Every process calls it. Raises ValueError (and saves nothing) if any leaf of the state is not finite.
     """
-    for path, leaf in _leaves_with_paths(host_state):
-        if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf)):
-            raise ValueError(f"refusing to save step {step}: state leaf {path} holds NaN or Inf")
+    bad = _nonfinite_leaves(host_state)
+    if bad:
+        raise ValueError(f"refusing to save step {step}: state leaf {bad[0]} holds NaN or Inf")
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
                                                config=ocp.args.JsonSave(json.loads(json.dumps(config)))))
 
@@ -105,24 +114,26 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
     """Restores ``(state, config)`` at ``step`` (default: latest) into the structure of ``target``.
 
     ``target`` is a host pytree of the right structure, shapes and dtypes (e.g. a freshly
-    initialised state); the result holds NumPy arrays.
+    initialised state); the result holds NumPy arrays. Leaves of ``target`` that are
+    ``jax.ShapeDtypeStruct`` with a sharding restore as ``jax.Array`` with that sharding (each host
+    reads its own shards), whatever mesh or mode wrote the checkpoint.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    abstract = _as_numpy(target)
+    abstract = _as_target(target)
     quiet_orphaned_reads()
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              config=ocp.args.JsonRestore()))
-    return _as_numpy(restored["state"]), restored["config"]
+    return _as_restored(restored["state"]), restored["config"]
 
 
 def restore_newest(manager: ocp.CheckpointManager, target_for: Callable[[dict], Any] | None = None, *,
                    check_config: Callable[[int, dict], None] | None = None):
     """Restores the newest checkpoint that restores completely: ``(step, state, config, skipped)``.
 
-    ``target_for(config)``: the host target of a checkpoint with this config (None: the saved
-    structure, as dicts). ``check_config(step, config)`` may raise to refuse a checkpoint; its
+    ``target_for(config)``: the target of a checkpoint with this config, as in :func:`restore` (None: the
+    saved structure, as dicts of NumPy arrays). ``check_config(step, config)`` may raise to refuse a checkpoint; its
     error propagates (a refusal is not damage). ``skipped``: ``[(step, reason)]`` of the newer
     checkpoints that did not restore, each also logged as a warning naming its folder.
     FileNotFoundError if there is no checkpoint; ValueError listing every try if none restores.
@@ -144,9 +155,9 @@ def restore_newest(manager: ocp.CheckpointManager, target_for: Callable[[dict], 
         if check_config is not None:
             check_config(step, config)
         try:
-            target = None if target_for is None else _as_numpy(target_for(config))
-            restore_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-            state = _as_numpy(manager.restore(step, args=ocp.args.Composite(state=restore_args))["state"])
+            target = _saved_as_numpy(manager, step) if target_for is None else _as_target(target_for(config))
+            restore_args = ocp.args.StandardRestore(target)
+            state = _as_restored(manager.restore(step, args=ocp.args.Composite(state=restore_args))["state"])
             _check_restored(step, state)
         except Exception as error:
             skipped.append((step, _reason(error)))
@@ -197,15 +208,47 @@ def _reason(error: Exception) -> str:
 
 def _check_restored(step: int, state) -> None:
     saved_step = state.get("step") if isinstance(state, dict) else getattr(state, "step", None)
+    if isinstance(saved_step, jax.Array):
+        saved_step = saved_step.addressable_data(0)  # replicated
     if saved_step is not None and int(saved_step) != step:
         raise ValueError(f"it holds the state of step {int(saved_step)}")
-    for path, leaf in _leaves_with_paths(state):
-        if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf)):
-            raise ValueError(f"state leaf {path} holds NaN or Inf")
+    bad = _nonfinite_leaves(state)
+    if bad:
+        raise ValueError(f"state leaf {bad[0]} holds NaN or Inf")
 
 
-def _as_numpy(tree):
-    return jax.tree_util.tree_map(lambda a: np.asarray(a), tree)
+@jax.jit
+def _all_finite(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _nonfinite_leaves(tree) -> list[str]:
+    """The paths of the floating-point leaves holding NaN or Inf (device arrays checked on the devices)."""
+    floating = [(p, x) for p, x in _leaves_with_paths(tree) if np.issubdtype(np.dtype(x.dtype), np.floating)]
+    bad = [p for p, x in floating if not isinstance(x, jax.Array) and not np.all(np.isfinite(x))]
+    device = [(p, x) for p, x in floating if isinstance(x, jax.Array)]
+    if device:
+        ok = np.asarray(_all_finite([x for _, x in device]).addressable_data(0))  # replicated: one copy per host
+        bad += [p for (p, _), fine in zip(device, ok) if not fine]
+    return bad
+
+
+def _as_target(tree):
+    """A restore target: ``jax.ShapeDtypeStruct`` leaves with a sharding kept, every other leaf as NumPy."""
+    return jax.tree_util.tree_map(
+        lambda a: a if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None else np.asarray(a), tree)
+
+
+def _saved_as_numpy(manager: ocp.CheckpointManager, step: int):
+    """A NumPy target of the saved structure, shapes and dtypes (so that a state saved as sharded arrays
+    restores on any devices: without a target orbax would rebuild the shardings it was saved with)."""
+    metadata = manager.item_metadata(step)["state"]
+    tree = getattr(metadata, "tree", metadata)
+    return jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), tree)
+
+
+def _as_restored(tree):
+    return jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), tree)
 
 
 def _leaves_with_paths(tree):

@@ -28,12 +28,10 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint, phema, quality, resume
+from jaxdiff.training import checkpoint, memory, phema, quality, resume
 from jaxdiff.training import images as imgs
-from jaxdiff.training.parallel import DataParallel
 from jaxdiff.training.preemption import Stopped, StopSignals
-from jaxdiff.training.setup import resolve
-from jaxdiff.training.state import create_train_state
+from jaxdiff.training.setup import make_parallel, resolve
 from jaxdiff.training.step import train_step
 
 __all__ = ["train_and_evaluate", "MetricsWriter"]
@@ -89,17 +87,18 @@ def _truncate_metrics(path: str, start: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _restore_or_init(config, workdir, manager, host_state, par):
-    """(manager, state, allowed config changes): the newest good checkpoint, or ``host_state`` in a new workdir."""
+def _restore_or_init(config, workdir, manager, target, par):
+    """(manager, state, allowed config changes): the newest good checkpoint restored into ``target``
+    (:meth:`DataParallel.restore_target`), or None in a new workdir."""
     current = config.to_dict()
     if not manager.all_steps():
-        return manager, host_state, {}
+        return manager, None, {}
     checked = {}
 
     def check(step, saved):
         checked["changes"] = resume.check_resume(saved, current, workdir=workdir, step=step)
 
-    step, state, _, skipped = checkpoint.restore_newest(manager, lambda saved: host_state, check_config=check)
+    step, state, _, skipped = checkpoint.restore_newest(manager, lambda saved: target, check_config=check)
     for key, (a, b) in checked["changes"].items():
         log.warning("config.%s changed on resume: %r -> %r", key, a, b)
     if skipped:  # move damaged newer steps aside, so that orbax saves those steps again and never counts them
@@ -129,27 +128,30 @@ def train_and_evaluate(config, workdir: str, *, handle_signals: bool = True,
 
 def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     is_main = jax.process_index() == 0
-    par = DataParallel(config.parallel.mode)
     tr, sm = config.train, config.sample
-    run = resolve(config, num_devices=par.num_devices)  # every check, before anything is written
+    run = resolve(config, num_devices=jax.device_count())  # every check, before anything is written
+    par = make_parallel(config)
     resume.check_writable(workdir)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     num_classes = run.num_classes
     root = jax.random.key(config.seed)
     k_init, k_train, k_sample = (jax.random.fold_in(root, i) for i in range(3))
 
-    host_state = jax.device_get(create_train_state(
-        k_init, run.model, run.tx, run.image_shape, num_classes=num_classes, posthoc_sigma_rels=phema.sigma_rels(tr),
-        ema_decay=tr.ema_decay, label_dropout=tr.label_dropout))
+    init = memory.state_initializer(run)
     manager = checkpoint.open_manager(workdir, max_to_keep=tr.keep_checkpoints)
-    manager, host_state, changes = _restore_or_init(config, workdir, manager, host_state, par)
-    start = int(host_state.step)
+    target = par.restore_target(jax.eval_shape(init, k_init))
+    manager, restored, changes = _restore_or_init(config, workdir, manager, target, par)
+    state = par.init_state(init, k_init) if restored is None else par.put_state(restored)
+    del restored
+    start = int(par.get_state(state.step))
     config_dict = config.to_dict()
     if is_main:  # only a config that passed every check
         resume.record_start(workdir, start, config_dict, changes)
 
     p_step = par.compile_step(functools.partial(train_step, objective=run.objective))
-    state = par.put_state(host_state)
+    report = memory.report(par, state, p_step.lower(state, memory.abstract_batch(run, par), k_train).compile())
+    if is_main:
+        memory.write(workdir, report)
 
     sample_fn = jax.jit(run.sampling(prefix="config.sample."))
     labels = imgs.grid_labels(sm.num_samples, num_classes)
@@ -208,18 +210,22 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
                 if done % tr.log_every == 0 or at_ckpt:
                     flush(done, bar)
                 if at_ckpt:
-                    checkpoint.save(manager, done, par.get_state(state), config_dict)
+                    checkpoint.save(manager, done, par.savable(state), config_dict)
                     saved = done
-                if is_main and phema.is_due(tr, done):
-                    phema.save_snapshot(workdir, done, par.get_state(state.posthoc_ema))
+                if phema.is_due(tr, done):  # every process gathers (a collective where the state is sharded)
+                    snapshot = par.get_state(state.posthoc_ema)
+                    if is_main:
+                        phema.save_snapshot(workdir, done, snapshot)
                 if stopping:
                     manager.wait_until_finished()
                     checkpoint.check_saves(manager, done)
                     raise Stopped(done, stop.signum or signal.SIGTERM)  # signum: None where another host got it
                 if tr.sample_every and done % tr.sample_every == 0 and done != tr.num_steps:
-                    write_samples(par.get_state(state).ema_params, f"step_{done:07d}")
-                if evaluator and evaluator.due(done):
-                    writer.write(done, evaluator.evaluate(par.get_state(state).ema_params, evaluator.num_samples))
+                    write_samples(par.get_state(state.ema_params), f"step_{done:07d}")
+                if config.eval.every and done % config.eval.every == 0:  # every process gathers; the main evaluates
+                    ema = par.get_state(state.ema_params)
+                    if evaluator:
+                        writer.write(done, evaluator.evaluate(ema, evaluator.num_samples))
         host_state = par.get_state(state)
         write_samples(host_state.ema_params, "final")
         if evaluator and evaluator.final_samples:

@@ -21,13 +21,13 @@ from jaxdiff.metrics.stats import FEATURES
 from jaxdiff.models import PRESETS, UNet, check_model_image_size, get_model
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
-from jaxdiff.training.parallel import MODES
+from jaxdiff.training.parallel import MIN_SHARDED_SIZE, MODES, DataParallel, mesh_shape
 from jaxdiff.training.quality import check_digits_shape
 from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
 __all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "get_config", "SCHEDULES",
-           "OBJECTIVES", "MODEL_OVERRIDES"]
+           "OBJECTIVES", "MODEL_OVERRIDES", "make_parallel"]
 
 OBJECTIVES = objectives.names()
 DTYPES = ("float32", "bfloat16", "float16")
@@ -151,6 +151,14 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
               f"must be divisible by the number of devices ({num_devices})")
     if config.parallel.mode not in MODES:
         _fail("parallel.mode", config.parallel.mode, f"must be one of {MODES}")
+    if config.parallel.mode == "fsdp" and num_devices is not None:
+        try:
+            mesh_shape(num_devices, config.parallel.get("data", 1), config.parallel.get("fsdp", -1))
+        except ValueError as error:
+            raise ValueError(str(error).replace("parallel.", "config.parallel.")) from None
+        min_size = config.parallel.get("min_shard_size", MIN_SHARDED_SIZE)
+        if not isinstance(min_size, int) or min_size < 0:
+            _fail("parallel.min_shard_size", min_size, "must be an integer >= 0")
     objective = objectives.from_config(df)  # checks the settings the objective uses
     phema = tr.get("posthoc_ema")
     if phema is not None and len(phema.sigma_rels):
@@ -303,6 +311,13 @@ def _latent_source(dt) -> tuple[latents.LatentSource, tuple[int, int, int]]:
     if dt.random_flip and not m.flips:
         _fail("data.random_flip", True, f"the latents in {dt.latents} hold no flipped images (jaxdiff-encode --flip)")
     return source, tuple(m.latent_shape)
+
+
+def make_parallel(config, devices=None) -> DataParallel:
+    """The :class:`~jaxdiff.training.parallel.DataParallel` of ``config.parallel`` over ``devices`` (default: all)."""
+    pc = config.parallel
+    return DataParallel(pc.mode, devices, data=pc.get("data", 1), fsdp=pc.get("fsdp", -1),
+                        min_shard_size=pc.get("min_shard_size", MIN_SHARDED_SIZE))
 
 
 def get_config(name: str):
