@@ -28,7 +28,7 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint, phema, quality, resume
+from jaxdiff.training import checkpoint, phema, quality, resume, throughput
 from jaxdiff.training import images as imgs
 from jaxdiff.training.parallel import DataParallel
 from jaxdiff.training.preemption import Stopped, StopSignals
@@ -89,6 +89,34 @@ def _truncate_metrics(path: str, start: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+class _Speed:
+    """The step's FLOPs and the device's peak, found once, for the MFU of each log line (:mod:`throughput`)."""
+
+    def __init__(self, peak_flops: float, microbatches: int):
+        self.microbatches = microbatches
+        self.flops = None  # per device per step, measured before the first step (0: unknown)
+        kind = jax.devices()[0].device_kind
+        self.peak = float(peak_flops) if peak_flops else throughput.peak_flops(kind)
+        if self.peak is None:
+            log.info("MFU is not logged: the peak FLOP/s of device kind %r is unknown (set config.train.peak_flops)",
+                     kind)
+
+    def measure(self, p_step, *args) -> None:
+        """The FLOPs of ``p_step(*args)`` from its compiled program (cached: the step is compiled once)."""
+        self.flops = 0.0
+        if self.peak is None:
+            return
+        self.flops = throughput.step_flops(p_step.lower(*args).compile(), microbatches=self.microbatches) or 0.0
+        if not self.flops:
+            log.info("MFU is not logged: the backend reports no FLOPs for the train step")
+
+    def mfu(self, steps_per_second: float) -> dict[str, float]:
+        """``{"mfu": ...}``, or ``{}`` where the peak or the FLOPs are unknown."""
+        if not (self.peak and self.flops):
+            return {}
+        return {"mfu": throughput.mfu(self.flops, steps_per_second, self.peak)}
+
+
 def _restore_or_init(config, workdir, manager, host_state, par):
     """(manager, state, allowed config changes): the newest good checkpoint, or ``host_state`` in a new workdir."""
     current = config.to_dict()
@@ -140,7 +168,7 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
 
     host_state = jax.device_get(create_train_state(
         k_init, run.model, run.tx, run.image_shape, num_classes=num_classes, posthoc_sigma_rels=phema.sigma_rels(tr),
-        ema_decay=tr.ema_decay, label_dropout=tr.label_dropout))
+        ema_decay=tr.ema_decay, label_dropout=tr.label_dropout, param_dtype=run.param_dtype))
     manager = checkpoint.open_manager(workdir, max_to_keep=tr.keep_checkpoints)
     manager, host_state, changes = _restore_or_init(config, workdir, manager, host_state, par)
     start = int(host_state.step)
@@ -148,7 +176,7 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     if is_main:  # only a config that passed every check
         resume.record_start(workdir, start, config_dict, changes)
 
-    p_step = par.compile_step(functools.partial(train_step, objective=run.objective))
+    p_step = par.compile_step(functools.partial(train_step, objective=run.objective, microbatches=tr.microbatches))
     state = par.put_state(host_state)
 
     sample_fn = jax.jit(run.sampling(prefix="config.sample."))
@@ -164,6 +192,7 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     evaluator = quality.training_evaluator(config, run) if is_main else None  # config.eval; None when off
     pending: list = []
     last = {"time": time.time(), "step": start}
+    speed = _Speed(tr.peak_flops, tr.microbatches)
 
     def flush(step: int, bar) -> None:
         """Brings pending metrics to the host; stops the job at the first non-finite step."""
@@ -181,8 +210,10 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
         ips = (step - last["step"]) * tr.global_batch_size / max(now - last["time"], 1e-9)
         last.update(time=now, step=step)
         mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[0][1] if k != "finite"}
-        writer.write(step, {**mean, "images_per_sec": ips})
-        bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{ips:.0f}")
+        scalars = {**mean, "images_per_sec": ips, **speed.mfu(ips / tr.global_batch_size)}
+        writer.write(step, scalars)
+        bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{ips:.0f}",
+                        **({"mfu": f"{scalars['mfu']:.1%}"} if "mfu" in scalars else {}))
 
     iterator = data.batch_iterator(
         run.source, start, max(tr.num_steps - start, 0), global_batch_size=tr.global_batch_size, seed=config.seed,
@@ -195,7 +226,10 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     try:
         with iterator:
             for step, batch in iterator:
-                state, metrics = p_step(state, par.put_batch(batch), k_train)
+                batch = par.put_batch(batch)
+                if speed.flops is None:
+                    speed.measure(p_step, state, batch, k_train)
+                state, metrics = p_step(state, batch, k_train)
                 done = step + 1
                 pending.append((done, metrics))
                 bar.update(1)
