@@ -34,7 +34,7 @@ def example_keys(root: jax.Array, step: jax.Array, index: jax.Array) -> jax.Arra
 
 
 def _split(tree, k: int):
-    """``[B, ...]`` leaves -> ``[k, B / k, ...]``: microbatch ``j`` holds examples ``j B / k`` to ``(j + 1) B / k - 1``."""
+    """``[B, ...]`` leaves -> ``[k, B / k, ...]``: microbatch ``j`` holds examples ``j B / k ... (j + 1) B / k - 1``."""
     return jax.tree_util.tree_map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), tree)
 
 
