@@ -9,7 +9,7 @@
   ``microbatches = k`` (a ``lax.scan`` over them) is counted as ``k`` times its reported FLOPs
   (:func:`step_flops`): the optimizer update, outside the loop, is then counted ``k`` times too,
   a negligible share of a network's forward and backward passes.
-* ``peak_flops``: the device's peak dense bfloat16 FLOP/s (:data:`PEAK_FLOPS`, matched on
+* ``peak_flops``: the device's peak dense bfloat16 FLOP/s (``PEAK_FLOPS``, matched on
   ``jax.Device.device_kind``), or a value given by the user (``config.train.peak_flops``).
 
 Both count a multiply-add as 2 FLOPs. The model FLOPs are what XLA executes (recomputation by
