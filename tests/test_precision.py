@@ -38,7 +38,7 @@ def _dit_config(**train):
 
 
 def _train(config, num_steps: int = 3):
-    """(host state, [loss per step]) of ``num_steps`` jitted steps of ``config`` on one device."""
+    """(host state, [[loss, grad_norm] per step]) of ``num_steps`` jitted steps of ``config`` on one device."""
     run = resolve(config, num_devices=1)
     tr = config.train
     state = create_train_state(jax.random.key(0), run.model, run.tx, run.image_shape, num_classes=run.num_classes,
@@ -49,7 +49,7 @@ def _train(config, num_steps: int = 3):
         batch = data.get_batch(run.source, s, global_batch_size=BATCH, seed=0)
         state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(1))
         assert float(metrics["finite"]) == 1.0
-        losses.append(float(metrics["loss"]))
+        losses.append([float(metrics["loss"]), float(metrics["grad_norm"])])
     return jax.device_get(state), np.array(losses)
 
 
@@ -62,9 +62,9 @@ def test_bf16_compute_tracks_float32_and_keeps_float32_master_weights(make):
     _, ref = _train(make(warmup_steps=0), num_steps=4)
     state, got = _train(make(warmup_steps=0, compute_dtype="bfloat16"), num_steps=4)
     # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%); after 4 steps the losses agree within
-    # 1% (measured: within 3e-4 for the UNet and the DiT).
-    np.testing.assert_allclose(got, ref, rtol=0.01)
-    assert not np.allclose(got, ref, rtol=1e-6), "the bf16 run computed in float32"
+    # 1% (measured: within 2e-4 for the UNet and the DiT).
+    np.testing.assert_allclose(got[:, 0], ref[:, 0], rtol=0.01)
+    assert not np.allclose(got[:, 0], ref[:, 0], rtol=1e-6), "the bf16 run computed in float32"
     for part in (state.params, state.opt_state, state.ema_params):
         assert _float_dtypes(part) == {"float32"}
 
@@ -126,6 +126,7 @@ def _meanflow_config(**train):
 def test_four_microbatches_give_the_update_of_one_batch(make):
     ref, ref_losses = _train(make(), num_steps=2)
     got, losses = _train(make(microbatches=4), num_steps=2)
+    # the losses and the gradients' norms (Adam would hide a wrongly scaled sum in the params)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves((got.params, got.ema_params, got.opt_state)),
                     jax.tree_util.tree_leaves((ref.params, ref.ema_params, ref.opt_state))):
@@ -169,3 +170,24 @@ def test_a_workdir_of_the_former_model_dtype_resumes():
     saved["model"]["dtype"] = "bfloat16"
     assert resume.config_changes(saved, current) == {"train.compute_dtype": ("bfloat16", "float32")}
     resume.check_resume(saved, current, workdir="w", step=1)  # may change on resume
+
+
+def test_microbatches_over_a_sharded_batch_give_the_one_device_update():
+    """jit over 4 devices, each holding 4 of the 16 examples, 2 microbatches (of 2 per device)."""
+    from jaxdiff.training.parallel import DataParallel
+
+    config = tiny_config(warmup_steps=0, microbatches=2)
+    ref, _ = _train(tiny_config(warmup_steps=0), num_steps=2)
+    run = resolve(config, num_devices=4)
+    host = jax.device_get(create_train_state(jax.random.key(0), run.model, run.tx, run.image_shape,
+                                             num_classes=run.num_classes, ema_decay=0.9,
+                                             label_dropout=config.train.label_dropout))
+    par = DataParallel("sharding", devices=jax.devices()[:4])
+    step = par.compile_step(functools.partial(train_step, objective=run.objective, microbatches=2))
+    state = par.put_state(host)
+    for s in range(2):
+        state, _ = step(state, par.put_batch(data.get_batch(run.source, s, global_batch_size=BATCH, seed=0)),
+                        jax.random.key(1))
+    got = par.get_state(state)
+    for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(ref.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)

@@ -60,7 +60,7 @@ def test_mfu_formula():
 
 
 def test_log_has_mfu_when_the_peak_is_set(tmp_path):
-    config = tiny_config(num_steps=2, checkpoint_every=2, peak_flops=1e12)
+    config = tiny_config(num_steps=2, checkpoint_every=2, peak_flops=1e12, microbatches=2)  # 2 per device
     loop.train_and_evaluate(config, str(tmp_path))
     with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]

@@ -34,8 +34,12 @@ def example_keys(root: jax.Array, step: jax.Array, index: jax.Array) -> jax.Arra
 
 
 def _split(tree, k: int):
-    """``[B, ...]`` leaves -> ``[k, B / k, ...]``: microbatch ``j`` holds examples ``j B / k ... (j + 1) B / k - 1``."""
-    return jax.tree_util.tree_map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), tree)
+    """``[B, ...]`` leaves -> ``[k, B / k, ...]``, microbatch ``j`` holding examples ``j, j + k, j + 2k, ...``.
+
+    Strided, so that a batch sharded in contiguous blocks over devices (each block divisible by ``k``)
+    gives every microbatch an equal share of every device's block: each iteration uses all devices.
+    """
+    return jax.tree_util.tree_map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1), tree)
 
 
 def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: Objective, *,
@@ -57,7 +61,8 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: O
         the batch is a global array (``jit`` with shardings).
       microbatches: gradient accumulation: the ``B`` examples are taken in ``microbatches``
         sequential groups of ``B / microbatches`` (``lax.scan``; the activations of one group at a
-        time), whose gradients and metrics are averaged. Every example keeps its own key, and every
+        time; group ``j`` holds examples ``j, j + microbatches, ...``, so a batch sharded over devices
+        keeps every device busy), whose gradients and metrics are averaged. Every example keeps its own key, and every
         objective's loss is a mean of per-example terms, so the update is that of the whole batch
         (to float32 rounding). ``B`` must divide by it (``ValueError``).
 
