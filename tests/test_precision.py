@@ -191,3 +191,18 @@ def test_microbatches_over_a_sharded_batch_give_the_one_device_update():
     got = par.get_state(state)
     for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(ref.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)
+
+
+@pytest.mark.slow  # an end-to-end run: about a minute
+def test_a_bf16_run_trains_checkpoints_and_restores_with_its_dtypes(tmp_path):
+    from jaxdiff.training import loop
+    from jaxdiff.training.workdir import load_workdir
+
+    config = tiny_config(num_steps=2, checkpoint_every=2, compute_dtype="bfloat16", param_dtype="bfloat16")
+    final = loop.train_and_evaluate(config, str(tmp_path))
+    assert _float_dtypes((final.params, final.opt_state, final.ema_params)) == {"bfloat16"}
+    loaded = load_workdir(str(tmp_path))
+    assert loaded.run.model.dtype == jnp.bfloat16
+    assert _float_dtypes((loaded.params, loaded.ema_params)) == {"bfloat16"}
+    for a, b in zip(jax.tree_util.tree_leaves(loaded.ema_params), jax.tree_util.tree_leaves(final.ema_params)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
