@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_heads = placeholder(int)
     config.model.norm_groups = placeholder(int)  # every GroupNorm's groups (the digits preset: 16)
     config.model.class_conditional = False  # labels -> the UNet's class embedding (+ null label)
-    config.model.dtype = "float32"  # "bfloat16" for mixed precision on accelerators
+    config.model.dtype = placeholder(str)  # removed: set train.compute_dtype (setting this raises)
     config.model.remat = False
     # How the convolutions are differentiated (same values): auto = matmuls on the CPU backend, XLA's elsewhere.
     config.model.conv_backward = "auto"  # auto | xla | taps
@@ -85,6 +85,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.grad_clip = 1.0
     config.train.ema_decay = 0.999
     config.train.label_dropout = 0.1  # classifier-free guidance training (conditional models only)
+    # Mixed precision: the network computes in compute_dtype ("bfloat16" on accelerators), with its
+    # normalisation statistics, softmax and the loss in float32; param_dtype is the master weights'
+    # dtype, and so the optimizer state's and the EMA's ("bfloat16" halves their memory, but updates
+    # smaller than 2^-8 of a weight are lost: for the largest runs only).
+    config.train.compute_dtype = "float32"  # float32 | bfloat16
+    config.train.param_dtype = "float32"  # float32 | bfloat16
+    # Gradient accumulation: the step takes each device's batch in this many sequential microbatches
+    # (the same update as one batch; the activations of one microbatch at a time). Divides the per-device batch.
+    config.train.microbatches = 1
+    # The device's peak FLOP/s for the logged MFU; 0 = from jaxdiff.training.throughput.PEAK_FLOPS
+    # (bf16 dense, by device kind; unknown kinds log no MFU).
+    config.train.peak_flops = 0.0
     config.train.log_every = 50
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3

@@ -66,7 +66,10 @@ class Objective(abc.ABC):
              noise: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
         """``(loss, metrics)`` of ``net`` on clean ``x0`` ``[B, ...]`` at ``level`` ``[B]`` with unit ``noise``
         like ``x0``; ``metrics`` holds at least ``"loss"`` and ``"mse"``. ``key`` is the run's root key
-        (unused when levels and noise are given)."""
+        (unused when levels and noise are given). The loss and every metric are means over the ``B``
+        examples of terms that depend on one example alone (the train step's gradient accumulation,
+        ``config.train.microbatches``, averages microbatches' means: exact only for such means; every
+        objective here is one, MeanFlow's adaptive weight and consistency's level weight included)."""
 
     @abc.abstractmethod
     def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:

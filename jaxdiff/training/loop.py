@@ -28,7 +28,7 @@ import numpy as np
 import tqdm
 
 from jaxdiff import data
-from jaxdiff.training import checkpoint, memory, phema, quality, resume
+from jaxdiff.training import checkpoint, memory, phema, quality, resume, throughput
 from jaxdiff.training import images as imgs
 from jaxdiff.training.preemption import Stopped, StopSignals
 from jaxdiff.training.setup import make_parallel, resolve
@@ -85,6 +85,34 @@ def _truncate_metrics(path: str, start: int) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+class _Speed:
+    """The step's FLOPs and the device's peak, found once, for the MFU of each log line (:mod:`throughput`)."""
+
+    def __init__(self, peak_flops: float, microbatches: int):
+        self.microbatches = microbatches
+        self.flops = None  # per device per step, measured before the first step (0: unknown)
+        kind = jax.devices()[0].device_kind
+        self.peak = float(peak_flops) if peak_flops else throughput.peak_flops(kind)
+        if self.peak is None:
+            log.info("MFU is not logged: the peak FLOP/s of device kind %r is unknown (set config.train.peak_flops)",
+                     kind)
+
+    def measure(self, compiled) -> None:
+        """The FLOPs of the train step from its ``compiled`` program (``jax.stages.Compiled``)."""
+        self.flops = 0.0
+        if self.peak is None:
+            return
+        self.flops = throughput.step_flops(compiled, microbatches=self.microbatches) or 0.0
+        if not self.flops:
+            log.info("MFU is not logged: the backend reports no FLOPs for the train step")
+
+    def mfu(self, steps_per_second: float) -> dict[str, float]:
+        """``{"mfu": ...}``, or ``{}`` where the peak or the FLOPs are unknown."""
+        if not (self.peak and self.flops):
+            return {}
+        return {"mfu": throughput.mfu(self.flops, steps_per_second, self.peak)}
 
 
 def _restore_or_init(config, workdir, manager, target, par):
@@ -148,8 +176,9 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     if is_main:  # only a config that passed every check
         resume.record_start(workdir, start, config_dict, changes)
 
-    p_step = par.compile_step(functools.partial(train_step, objective=run.objective))
-    report = memory.report(par, state, p_step.lower(state, memory.abstract_batch(run, par), k_train).compile())
+    p_step = par.compile_step(functools.partial(train_step, objective=run.objective, microbatches=tr.microbatches))
+    compiled = p_step.lower(state, memory.abstract_batch(run, par), k_train).compile()
+    report = memory.report(par, state, compiled)
     if is_main:
         memory.write(workdir, report)
 
@@ -166,6 +195,8 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     evaluator = quality.training_evaluator(config, run) if is_main else None  # config.eval; None when off
     pending: list = []
     last = {"time": time.time(), "step": start}
+    speed = _Speed(tr.peak_flops, tr.microbatches)
+    speed.measure(compiled)
 
     def flush(step: int, bar) -> None:
         """Brings pending metrics to the host; stops the job at the first non-finite step."""
@@ -183,8 +214,10 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
         ips = (step - last["step"]) * tr.global_batch_size / max(now - last["time"], 1e-9)
         last.update(time=now, step=step)
         mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[0][1] if k != "finite"}
-        writer.write(step, {**mean, "images_per_sec": ips})
-        bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{ips:.0f}")
+        scalars = {**mean, "images_per_sec": ips, **speed.mfu(ips / tr.global_batch_size)}
+        writer.write(step, scalars)
+        bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{ips:.0f}",
+                        **({"mfu": f"{scalars['mfu']:.1%}"} if "mfu" in scalars else {}))
 
     iterator = data.batch_iterator(
         run.source, start, max(tr.num_steps - start, 0), global_batch_size=tr.global_batch_size, seed=config.seed,
@@ -197,7 +230,8 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     try:
         with iterator:
             for step, batch in iterator:
-                state, metrics = p_step(state, par.put_batch(batch), k_train)
+                batch = par.put_batch(batch)
+                state, metrics = p_step(state, batch, k_train)
                 done = step + 1
                 pending.append((done, metrics))
                 bar.update(1)

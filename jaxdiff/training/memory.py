@@ -47,7 +47,7 @@ def state_initializer(run) -> Callable[[jax.Array], object]:
     tr = run.config.train
     return functools.partial(create_train_state, model=run.model, tx=run.tx, image_shape=run.image_shape,
                              num_classes=run.num_classes, posthoc_sigma_rels=phema.sigma_rels(tr),
-                             ema_decay=tr.ema_decay, label_dropout=tr.label_dropout)
+                             ema_decay=tr.ema_decay, label_dropout=tr.label_dropout, param_dtype=run.param_dtype)
 
 
 def abstract_batch(run, par: DataParallel):

@@ -40,6 +40,10 @@ CHANGEABLE_ON_RESUME = (
     "train.sample_every", "train.learning_rate", "train.ema_decay",
     "data.prefetch", "data.data_dir", "data.vae", "model.remat", "model.conv_backward", "sample.", "eval.", "parallel.",
 )
+# Mixed precision and accumulation change the arithmetic, not what the weights are.
+CHANGEABLE_ON_RESUME += ("train.compute_dtype", "train.microbatches", "train.peak_flops")
+# Fields that older versions named otherwise: old name -> new name (a saved value is compared as the new field).
+MOVED = {"model.dtype": "train.compute_dtype"}
 HISTORY_FILE = "config_history.jsonl"
 
 
@@ -71,8 +75,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _effective(flat: dict[str, Any]) -> dict[str, Any]:
-    """Fills unset model overrides with the preset's values, so that None and the same value compare equal."""
+    """Fills unset model overrides with the preset's values, so that None and the same value compare equal
+    (and reads the fields of :data:`MOVED` under their new names)."""
     flat = dict(flat)
+    for old, new in MOVED.items():
+        value = flat.pop(old, None)
+        if value is not None:
+            flat.setdefault(new, value)
     preset = PRESETS.get(flat.get("model.preset") or "digits")
     if preset is None:
         return flat

@@ -26,11 +26,13 @@ from jaxdiff.training.quality import check_digits_shape
 from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
-__all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "get_config", "SCHEDULES",
-           "OBJECTIVES", "MODEL_OVERRIDES", "make_parallel"]
+__all__ = ["Run", "resolve", "validate_config", "compute_dtype", "make_schedule", "make_model", "get_config",
+           "SCHEDULES", "OBJECTIVES", "MODEL_OVERRIDES", "make_parallel"]
 
 OBJECTIVES = objectives.names()
-DTYPES = ("float32", "bfloat16", "float16")
+# config.train.compute_dtype / param_dtype: the network's computation dtype and its parameters' (the
+# master weights, the optimizer state and the EMAs take the params' dtype). A platform choice, made here.
+DTYPES = ("float32", "bfloat16")
 # How the UNet's stride-1 convolutions are differentiated (jaxdiff.models.conv): "auto" picks the
 # matmul weight gradient ("taps", faster on XLA:CPU, bench/conv_backward.py) on the CPU backend and
 # XLA's own ("xla", the UNet's default) elsewhere. A platform choice, so the setup makes it, not the model.
@@ -55,6 +57,7 @@ class Run:
     objective: objectives.Objective  # what is trained (jaxdiff.objectives), built from config.diffusion
     model: UNet
     tx: optax.GradientTransformation
+    param_dtype: jnp.dtype = jnp.dtype("float32")  # of the master weights (config.train.param_dtype)
     # A latent run (config.data.latents): the latents' manifest and the autoencoder folder that decodes;
     # image_shape is then the latent shape, and the run's images come from decoding (to_images).
     latents: latents.Manifest | None = None
@@ -180,8 +183,18 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
         _fail("sample.num_samples", sm.num_samples, "must be positive")
     if md.get("preset") is not None and md.preset not in PRESETS:
         _fail("model.preset", md.preset, f"must be one of {tuple(PRESETS)}")
-    if md.dtype not in DTYPES:
-        _fail("model.dtype", md.dtype, f"must be one of {DTYPES}")
+    compute_dtype(config)  # checks config.train.compute_dtype (and the removed config.model.dtype)
+    if tr.get("param_dtype", "float32") not in DTYPES:
+        _fail("train.param_dtype", tr.param_dtype, f"must be one of {DTYPES}")
+    k = tr.get("microbatches", 1)
+    if not isinstance(k, int) or k <= 0:
+        _fail("train.microbatches", k, "must be a positive integer")
+    per_device = tr.global_batch_size // num_devices if num_devices else None
+    if per_device is not None and per_device % k:
+        _fail("train.microbatches", k, f"must divide the per-device batch of {per_device} examples "
+              f"(train.global_batch_size={tr.global_batch_size} over {num_devices} devices)")
+    if not tr.get("peak_flops", 0.0) >= 0:
+        _fail("train.peak_flops", tr.peak_flops, "must be >= 0 (0: from the device's kind)")
     if md.get("conv_backward", "auto") not in CONV_BACKWARDS:
         _fail("model.conv_backward", md.conv_backward, f"must be one of {CONV_BACKWARDS}")
     if config.get("eval") is not None:
@@ -192,6 +205,22 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
     if dt.get("latents") and sm.clip_x0:
         _fail("sample.clip_x0", True, "a latent run (data.latents) samples latents, not images in [-1, 1]; set False")
     return objective
+
+
+def compute_dtype(config) -> jnp.dtype:
+    """The network's computation dtype, ``config.train.compute_dtype`` (``ValueError`` naming the setting).
+
+    ``config.model.dtype`` is its former name: setting it raises, except in the config of a workdir
+    written before ``train.compute_dtype`` existed, where it is read as that.
+    """
+    tr, md = config.train, config.model
+    legacy = md.get("dtype")
+    if legacy is not None and "compute_dtype" in tr:
+        _fail("model.dtype", legacy, "was replaced by config.train.compute_dtype (set that instead)")
+    name = tr.get("compute_dtype", legacy or "float32")
+    if name not in DTYPES:
+        _fail("train.compute_dtype" if "compute_dtype" in tr else "model.dtype", name, f"must be one of {DTYPES}")
+    return jnp.dtype(name)
 
 
 def _validate_eval(ev, sampler: str, objective: objectives.Objective, *, files: bool) -> None:
@@ -225,11 +254,13 @@ def make_schedule(diffusion_config) -> schedules.Schedule:
     return schedule_from_config(diffusion_config)
 
 
-def make_model(model_config, *, num_classes: int | None, learned_variance: bool, time_inputs: int = 1) -> UNet:
+def make_model(model_config, *, num_classes: int | None, learned_variance: bool, time_inputs: int = 1,
+               dtype="float32") -> UNet:
     """The UNet of ``config.model``: the preset ``model.preset`` with the fields that are set overriding it.
 
     ``num_classes`` is used only if ``model.class_conditional``; ``learned_variance`` and
-    ``time_inputs`` are the objective's (:class:`jaxdiff.objectives.Objective`).
+    ``time_inputs`` are the objective's (:class:`jaxdiff.objectives.Objective`); ``dtype``: the
+    computation dtype (:func:`compute_dtype`: ``config.train.compute_dtype``).
     """
     overrides = {k: model_config.get(k) for k in MODEL_OVERRIDES if model_config.get(k) is not None}
     for k in ("ch_mult", "attn_resolutions"):
@@ -244,7 +275,7 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool,
         conv_backward=conv,
         num_classes=num_classes if model_config.class_conditional else None,
         learn_sigma=learned_variance,
-        dtype=jnp.dtype(model_config.dtype),
+        dtype=jnp.dtype(dtype),
         remat=model_config.remat,
         time_inputs=time_inputs,
     )
@@ -280,7 +311,7 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
         _fail("model.class_conditional", True, f"dataset {info.name!r} has no labels")
     num_classes = info.num_classes if config.model.class_conditional else None
     model = make_model(config.model, num_classes=num_classes, learned_variance=objective.learned_variance,
-                       time_inputs=objective.time_inputs)
+                       time_inputs=objective.time_inputs, dtype=compute_dtype(config))
     try:
         check_model_image_size(model, image_shape[0])
     except ValueError as error:
@@ -291,7 +322,8 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     tr = config.train
     tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
     return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes, objective=objective,
-               model=model, tx=tx, latents=manifest, vae=vae)
+               model=model, tx=tx, latents=manifest, vae=vae,
+               param_dtype=jnp.dtype(tr.get("param_dtype", "float32")))
 
 
 def _latent_source(dt) -> tuple[latents.LatentSource, tuple[int, int, int]]:

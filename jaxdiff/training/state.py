@@ -51,18 +51,22 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, grad_clip: fl
 
 def create_train_state(key: jax.Array, model, tx: optax.GradientTransformation, image_shape, *,
                        num_classes: int | None = None, posthoc_sigma_rels=(), ema_decay: float = 0.9999,
-                       label_dropout: float = 0.0) -> TrainState:
+                       label_dropout: float = 0.0, param_dtype=jnp.float32) -> TrainState:
     """Initialises ``model`` (a Flax module) on a dummy batch of one ``image_shape`` ``(H, W, C)`` image.
 
     ``num_classes``: the labels of a class-conditional model (``None``: unconditional);
     ``posthoc_sigma_rels``: the ``sigma_rel`` of each power-function EMA to track (empty: none);
-    ``ema_decay``, ``label_dropout``: see :class:`TrainState`.
+    ``ema_decay``, ``label_dropout``: see :class:`TrainState`. ``param_dtype``: the dtype of the
+    floating-point params (the master weights; float32 unless memory demands ``bfloat16``), and so of
+    the optimizer's moments and the EMA; the post-hoc EMAs stay float32.
     """
     x = jnp.zeros((1, *image_shape), jnp.float32)
     k = getattr(model, "time_inputs", 1)
     t = jnp.zeros((1,), jnp.int32) if k == 1 else jnp.zeros((1, k), jnp.float32)
     y = None if num_classes is None else jnp.zeros((1,), jnp.int32)
     params = model.init({"params": key}, x, t, y, train=False)["params"]
+    params = jax.tree_util.tree_map(
+        lambda p: p.astype(param_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
     phema = posthoc_ema.init(params, posthoc_sigma_rels) if len(posthoc_sigma_rels) else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=jax.tree_util.tree_map(jnp.copy, params), posthoc_ema=phema, apply_fn=model.apply,

@@ -33,15 +33,24 @@ def example_keys(root: jax.Array, step: jax.Array, index: jax.Array) -> jax.Arra
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(index)
 
 
+def _split(tree, k: int):
+    """``[B, ...]`` leaves -> ``[k, B / k, ...]``, microbatch ``j`` holding examples ``j, j + k, j + 2k, ...``.
+
+    Strided, so that a batch sharded in contiguous blocks over devices (each block divisible by ``k``)
+    gives every microbatch an equal share of every device's block: each iteration uses all devices.
+    """
+    return jax.tree_util.tree_map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1), tree)
+
+
 def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: Objective, *,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, Any]]:
+               axis_name: str | None = None, microbatches: int = 1) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step on a (local shard of a) global batch.
 
     Args:
       state: the train state; its ``apply_fn``, ``tx``, ``ema_decay``, ``num_classes`` and
         ``label_dropout`` say how to apply and update the network (:class:`TrainState`).
         ``apply_fn({"params": p}, x, t, y, train=True, dropout_keys=keys)`` gets the whole batch
-        with ``keys`` ``[B]``: each example's dropout masks must depend on its own key alone.
+        (or microbatch) with ``keys`` ``[B]``: each example's dropout masks must depend on its own key alone.
       batch: ``image`` ``[B, H, W, C]`` in [-1, 1], ``index`` ``[B]`` int global positions in the
         global batch, and ``label`` ``[B]`` when conditional (replaced by the null label
         ``num_classes`` with probability ``label_dropout``, for classifier-free guidance).
@@ -50,6 +59,12 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: O
         level and computes the loss of the network.
       axis_name: the mapped axis to average gradients and metrics over (``pmap``), or None when
         the batch is a global array (``jit`` with shardings).
+      microbatches: gradient accumulation: the ``B`` examples are taken in ``microbatches``
+        sequential groups of ``B / microbatches`` (``lax.scan``; the activations of one group at a
+        time; group ``j`` holds examples ``j, j + microbatches, ...``, so a batch sharded over devices
+        keeps every device busy), whose gradients and metrics are averaged. Every example keeps its own key, and every
+        objective's loss is a mean of per-example terms, so the update is that of the whole batch
+        (to float32 rounding). ``B`` must divide by it (``ValueError``).
 
     Pure: ``jax.jit(train_step)(state, batch, key, objective)`` works as is (the objective is a
     pytree whose settings are static). The EMA is ``optax.incremental_update``; the state's
@@ -58,23 +73,44 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: O
     Returns: the new state (the old one where the loss or a gradient is not finite) and metrics
       ``{"loss", "mse", "grad_norm", "finite"}`` averaged over the global batch.
     """
+    b = batch["image"].shape[0]
+    if not isinstance(microbatches, int) or microbatches <= 0 or b % microbatches:
+        raise ValueError(f"microbatches={microbatches!r} must be a positive integer dividing the batch of "
+                         f"{b} examples (config.train.microbatches: the per-device batch must divide by it)")
     objective = objective.at_step(state.step)
-    keys = example_keys(root_key, state.step, batch["index"])
-    sub = jax.vmap(lambda k: jax.random.split(k, 4))(keys)  # [B, 4]: level, noise, dropout, label
-    x0 = batch["image"]
-    level = jax.vmap(objective.noise_level)(sub[:, 0])
-    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(sub[:, 1])
-    y = None
-    if state.num_classes is not None:
-        y = guidance.drop_labels(sub[:, 3], batch["label"], state.label_dropout, state.num_classes)
 
-    def loss_fn(params):
-        def net(x_t, time):  # the whole batch; each example's dropout masks from its own key
-            return state.apply_fn({"params": params}, x_t, time, y, train=True, dropout_keys=sub[:, 2])
+    def grads_of(mb: dict):  # (gradients, metrics) of the mean loss over the examples of `mb`
+        keys = example_keys(root_key, state.step, mb["index"])
+        sub = jax.vmap(lambda k: jax.random.split(k, 4))(keys)  # [b, 4]: level, noise, dropout, label
+        x0 = mb["image"]
+        level = jax.vmap(objective.noise_level)(sub[:, 0])
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(sub[:, 1])
+        y = None
+        if state.num_classes is not None:
+            y = guidance.drop_labels(sub[:, 3], mb["label"], state.label_dropout, state.num_classes)
 
-        return objective.loss(net, x0, root_key, level=level, noise=noise)
+        def loss_fn(params):
+            def net(x_t, time):  # the whole (micro)batch; each example's dropout masks from its own key
+                return state.apply_fn({"params": params}, x_t, time, y, train=True, dropout_keys=sub[:, 2])
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            return objective.loss(net, x0, root_key, level=level, noise=noise)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return grads, metrics
+
+    if microbatches == 1:
+        grads, metrics = grads_of(batch)
+    else:
+        def accumulate(total, mb):
+            g, m = grads_of(mb)
+            return jax.tree_util.tree_map(lambda a, x: a + x.astype(a.dtype) / microbatches, total, (g, m)), None
+
+        split = _split(batch, microbatches)
+        shapes = jax.eval_shape(grads_of, jax.tree_util.tree_map(lambda a: a[0], split))
+        # Sums in float32 at least (bfloat16 gradients of bfloat16 params would lose the small terms).
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, split)
+        grads = jax.tree_util.tree_map(lambda g, s: g.astype(s.dtype), grads, shapes[0])
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)

@@ -55,7 +55,7 @@ def load_workdir(workdir: str, ema: float | None = None) -> Workdir:
         config.lock()
         runs["run"] = run = resolve(config)
         return jax.device_get(create_train_state(jax.random.key(0), run.model, run.tx, run.image_shape,
-                                                 num_classes=run.num_classes,
+                                                 num_classes=run.num_classes, param_dtype=run.param_dtype,
                                                  posthoc_sigma_rels=phema.sigma_rels(config.train)))
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
