@@ -62,16 +62,26 @@ class Objective(abc.ABC):
         """One example's training noise level ``[]`` drawn from its own ``key``."""
 
     @abc.abstractmethod
-    def loss(self, net: Network, x0: jax.Array, key: jax.Array, *, level: jax.Array,
-             noise: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    def loss(self, net: Network, x0: jax.Array, key: jax.Array, *, level: jax.Array, noise: jax.Array,
+             labels: jax.Array | None = None, null_label: int | None = None) -> tuple[jax.Array, dict[str, Any]]:
         """``(loss, metrics)`` of ``net`` on clean ``x0`` ``[B, ...]`` at ``level`` ``[B]`` with unit ``noise``
         like ``x0``; ``metrics`` holds at least ``"loss"`` and ``"mse"``. ``key`` is the run's root key
-        (unused when levels and noise are given)."""
+        (unused when levels and noise are given). For a class-conditional network, ``labels`` ``[B]`` are the
+        labels ``net`` is bound to (``null_label`` where dropped for classifier-free guidance) and
+        ``net(x, time, other_labels)`` evaluates it under other labels ``[B]``; ``None``: unconditional."""
 
     @abc.abstractmethod
     def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:
         """The network as every sampler sees it. ``clip_x0``: clip its x0 estimates to ``[-1, 1]``
         where the objective's parameterization allows it (image data)."""
+
+    def for_run(self, config, *, image_shape: tuple[int, ...], num_classes: int | None,
+                training: bool) -> Objective:
+        """The objective completed with the run's facts outside ``config.diffusion`` (called once by
+        :func:`jaxdiff.training.setup.resolve`; ``ValueError`` naming the first bad setting). ``training``:
+        the run trains (load what only training needs, e.g. a teacher). Default: itself."""
+        del config, image_shape, num_classes, training
+        return self
 
     def at_step(self, step) -> Objective:
         """The objective at training step ``step`` (traced): the train step calls it once per step, for
