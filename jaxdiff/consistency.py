@@ -40,7 +40,8 @@ import jax.numpy as jnp
 
 from jaxdiff.diffusion import bcast, karras_sigma
 
-__all__ = ["coefficients", "num_scales", "karras_grid", "level_probs", "pseudo_huber", "DISTANCES", "ct_loss", "cd_loss"]
+__all__ = ["coefficients", "num_scales", "karras_grid", "level_probs", "pseudo_huber", "DISTANCES", "ct_loss",
+           "cd_loss"]
 
 
 def coefficients(sigma, *, sigma_data=0.5, sigma_min=0.002):
