@@ -8,6 +8,7 @@ of a small MLP student, judged by the oracle metrics (MMD against the exact mixt
 """
 
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -127,7 +128,7 @@ def test_distillation_from_the_exact_mixture_teacher_matches_the_mixture_in_one_
         one = jnp.ones_like(sigma)
         return x + (sigma**2)[:, None] * mix.score(x, one, sigma)
 
-    obj = ConsistencyDistillation(sigma_data=1.0, distance="l2").with_teacher(teacher, (SMIN, SMAX), None)
+    obj = ConsistencyDistillation(sigma_data=float(os.environ.get("SD", 1.0)), distance=os.environ.get("DIST", "l2")).with_teacher(teacher, (SMIN, SMAX), None)
     model = MLP()
     params = model.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     tx = optax.adam(optax.cosine_decay_schedule(2e-3, 4000))
