@@ -51,6 +51,7 @@ class Objective(abc.ABC):
     name: ClassVar[str]  # its key in jaxdiff.objectives.OBJECTIVES and config.diffusion.objective
     views: ClassVar[tuple[str, ...]] = ("denoiser",)  # what its Denoiser offers the samplers
     time_inputs: ClassVar[int] = 1  # the network's time inputs (time [B] or [B, time_inputs])
+    uses_labels: ClassVar[bool] = False  # its loss takes labels= and null_label= (see loss)
 
     @classmethod
     @abc.abstractmethod
@@ -62,13 +63,16 @@ class Objective(abc.ABC):
         """One example's training noise level ``[]`` drawn from its own ``key``."""
 
     @abc.abstractmethod
-    def loss(self, net: Network, x0: jax.Array, key: jax.Array, *, level: jax.Array, noise: jax.Array,
-             labels: jax.Array | None = None, null_label: int | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    def loss(self, net: Network, x0: jax.Array, key: jax.Array, *, level: jax.Array,
+             noise: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
         """``(loss, metrics)`` of ``net`` on clean ``x0`` ``[B, ...]`` at ``level`` ``[B]`` with unit ``noise``
         like ``x0``; ``metrics`` holds at least ``"loss"`` and ``"mse"``. ``key`` is the run's root key
-        (unused when levels and noise are given). For a class-conditional network, ``labels`` ``[B]`` are the
-        labels ``net`` is bound to (``null_label`` where dropped for classifier-free guidance) and
-        ``net(x, time, other_labels)`` evaluates it under other labels ``[B]``; ``None``: unconditional."""
+        (unused when levels and noise are given).
+
+        An objective with ``uses_labels = True`` also takes ``labels=`` and ``null_label=``: for a
+        class-conditional network, ``labels`` ``[B]`` are those ``net`` is bound to (``null_label`` where
+        dropped for classifier-free guidance), and ``net(x, time, other_labels)`` evaluates it under other
+        labels ``[B]``; ``None`` for an unconditional one."""
 
     @abc.abstractmethod
     def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:

@@ -83,8 +83,8 @@ class Consistency(Objective):
         i = jax.random.categorical(key, jnp.log(probs))
         return jnp.stack([ct.karras_grid(i, n, **grid), ct.karras_grid(i + 1, n, **grid)])
 
-    def loss(self, net: Network, x0, key, *, level, noise, labels=None, null_label=None):
-        del key, labels, null_label
+    def loss(self, net: Network, x0, key, *, level, noise):
+        del key
         return ct.ct_loss(self.function(net), x0, sigma=level[:, 0], sigma_next=level[:, 1], noise=noise)
 
     def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:

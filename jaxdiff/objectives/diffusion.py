@@ -87,8 +87,7 @@ class Diffusion(Objective):
     def noise_level(self, key):
         return jax.random.randint(key, (), 0, self.schedule.num_timesteps)
 
-    def loss(self, net: Network, x0, key, *, level, noise, labels=None, null_label=None):
-        del labels, null_label
+    def loss(self, net: Network, x0, key, *, level, noise):
         return losses.diffusion_loss(self.schedule, net, x0, key, prediction=self.prediction, weighting=self.weighting,
                                      min_snr_gamma=self.min_snr_gamma, learned_variance=self.variance, t=level,
                                      noise=noise)

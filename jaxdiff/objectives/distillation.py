@@ -50,6 +50,7 @@ class ConsistencyDistillation(Objective):
 
     name: ClassVar[str] = "consistency_distillation"
     views: ClassVar[tuple[str, ...]] = ("consistency",)
+    uses_labels: ClassVar[bool] = True  # the teacher sees the student's labels
 
     teacher_params: Any = None  # the teacher's (frozen) parameters: a leaf, never trained
     teacher: Callable | None = flax.struct.field(pytree_node=False, default=None)

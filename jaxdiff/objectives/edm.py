@@ -47,8 +47,7 @@ class EDM(Objective):
     def noise_level(self, key):
         return edm_lib.log_normal_sigma(key, (), self.p_mean, self.p_std)
 
-    def loss(self, net: Network, x0, key, *, level, noise, labels=None, null_label=None):
-        del labels, null_label
+    def loss(self, net: Network, x0, key, *, level, noise):
         return edm_lib.edm_loss(self._precondition(net), x0, key, sigma_data=self.sigma_data, sigma=level,
                                 noise=noise)
 

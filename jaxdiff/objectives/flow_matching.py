@@ -38,8 +38,7 @@ class FlowMatching(Objective):
     def noise_level(self, key):
         return jax.random.uniform(key, (), jnp.float32)
 
-    def loss(self, net: Network, x0, key, *, level, noise, labels=None, null_label=None):
-        del labels, null_label
+    def loss(self, net: Network, x0, key, *, level, noise):
         return flow.flow_matching_loss(flow.with_time_scale(net, TIME_SCALE), x0, key, t=level, noise=noise)
 
     def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:

@@ -33,6 +33,7 @@ class MeanFlow(Objective):
     name: ClassVar[str] = "meanflow"
     views: ClassVar[tuple[str, ...]] = ("denoiser", "average_velocity")
     time_inputs: ClassVar[int] = 2
+    uses_labels: ClassVar[bool] = True  # guided training calls the network under the null label
 
     ratio: float = flax.struct.field(pytree_node=False, default=0.25)
     p_mean: float = flax.struct.field(pytree_node=False, default=-0.4)

@@ -72,7 +72,8 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: O
         def net(x_t, time, labels=y):  # the whole batch; each example's dropout masks from its own key
             return state.apply_fn({"params": params}, x_t, time, labels, train=True, dropout_keys=sub[:, 2])
 
-        return objective.loss(net, x0, root_key, level=level, noise=noise, labels=y, null_label=state.num_classes)
+        extra = {"labels": y, "null_label": state.num_classes} if objective.uses_labels else {}
+        return objective.loss(net, x0, root_key, level=level, noise=noise, **extra)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
