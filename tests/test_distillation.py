@@ -131,7 +131,8 @@ def test_distillation_from_the_exact_mixture_teacher_matches_the_mixture_in_one_
     obj = ConsistencyDistillation(sigma_data=float(os.environ.get("SD", 1.0)), distance=os.environ.get("DIST", "l2")).with_teacher(teacher, (SMIN, SMAX), None)
     model = MLP()
     params = model.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
-    tx = optax.adam(optax.cosine_decay_schedule(2e-3, 4000))
+    steps = int(os.environ.get("STEPS", 4000))
+    tx = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
     opt = tx.init(params)
     batch = 512
 
@@ -158,7 +159,7 @@ def test_distillation_from_the_exact_mixture_teacher_matches_the_mixture_in_one_
         return 1e4 * _mmd2(x, ref), nll(x) - nll(ref)
 
     before = metrics(one_step_samples(params))
-    for s in range(4000):
+    for s in range(steps):
         params, opt, _ = step(params, opt, jax.random.fold_in(jax.random.key(1), s))
     mmd, gap = metrics(one_step_samples(params))
     print(f"before: mmd2 x1e4 {before[0]:.1f}, nll gap {before[1]:.3f}; after: {mmd:.1f}, {gap:.3f}")

@@ -10,6 +10,7 @@ exact average velocity ``u*(z, r, t) = (z - Phi_{t->r}(z)) / (t - r)`` and the m
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.stats
 
@@ -278,3 +279,56 @@ def test_guidance_settings_are_checked():
     with pytest.raises(ValueError, match="u_null_fn"):
         meanflow.meanflow_loss(lambda z, r, t: z, jnp.zeros((2, 2)), r=jnp.zeros(2), t=jnp.ones(2) * 0.5,
                                noise=jnp.zeros((2, 2)), guidance=2.0)
+
+
+def test_guided_training_settings_name_the_field():
+    from jaxdiff.training.setup import resolve
+
+    from training_utils import tiny_config
+
+    def config(**mf):
+        c = tiny_config()
+        c.diffusion.objective, c.sample.sampler, c.sample.num_steps, c.sample.guidance = "meanflow", "meanflow", 1, 1.0
+        for k, v in mf.items():
+            c.diffusion.meanflow[k] = v
+        return c
+
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.guidance=0.0"):
+        resolve(config(guidance=0.0))
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.guidance_kappa=1.0"):
+        resolve(config(guidance_kappa=1.0))
+    c = config(guidance=2.0)
+    c.model.class_conditional = False
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.guidance=2.0: .*class-conditional"):
+        resolve(c)
+    c = config(guidance=2.0)
+    c.train.label_dropout = 0.0
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.guidance=2.0: .*label_dropout"):
+        resolve(c)
+    assert resolve(config(guidance=2.0, guidance_kappa=0.5)).objective.guided
+
+
+def test_the_train_step_gives_guided_meanflow_its_labels():
+    """Through the unchanged train step: the null label's branch is really the network under the null label
+    (no label is dropped, so only the guided target's u(z, t, t | null) sees the null label's parameter)."""
+    from jaxdiff.training.state import TrainState
+    from jaxdiff.training.step import train_step
+
+    def apply(variables, x, t, y, train=True, dropout_keys=None):
+        scale = jnp.where(y == 3, variables["params"]["null"], variables["params"]["a"])
+        return scale.reshape(-1, 1, 1, 1) * x + 0.001 * t[:, :1, None, None]
+
+    tx = optax.sgd(0.0)
+    batch = {"image": jax.random.normal(jax.random.key(1), (8, 2, 2, 1)), "index": jnp.arange(8),
+             "label": jnp.arange(8) % 3}
+
+    def loss(objective, null_scale):
+        params = {"a": jnp.asarray(0.5), "null": jnp.asarray(null_scale)}
+        state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
+                           ema_params=params, apply_fn=apply, tx=tx, ema_decay=0.9, num_classes=3, label_dropout=0.0)
+        return float(jax.jit(train_step)(state, batch, jax.random.key(2), objective)[1]["loss"])
+
+    guided = objectives.MeanFlow(guidance=2.0, weight_p=0.0)
+    assert loss(guided, 0.1) != pytest.approx(loss(guided, -0.7), rel=1e-3)
+    plain = objectives.MeanFlow(weight_p=0.0)  # no label dropped: plain MeanFlow never calls the null branch
+    assert loss(plain, 0.1) == loss(plain, -0.7)
