@@ -224,3 +224,27 @@ def test_a_workdir_teacher_is_checked_and_distils(tiny_workdir, tmp_path):
     assert pipe.objective.teacher is None
     x = pipe.sample(jax.random.key(0), 4, num_steps=1)
     assert x.shape == (4, 8, 8, 1) and np.all(np.isfinite(np.asarray(x)))
+
+
+def test_an_unsupported_or_mismatched_teacher_is_named(tmp_path, monkeypatch):
+    """The checks on a restored teacher run (a stand-in for load_workdir's result: its objective and facts)."""
+    import types
+
+    from jaxdiff import objectives
+    from jaxdiff.training import workdir as workdir_lib
+    from jaxdiff.training.setup import resolve
+
+    from training_utils import tiny_config
+
+    (tmp_path / "checkpoints").mkdir()
+    cases = [(objectives.Consistency(), (8, 8, 1), 10, "objective 'consistency' is not supported"),
+             (objectives.EDM(), (16, 16, 1), 10, r"its images are \(16, 16, 1\); this run's are \(8, 8, 1\)"),
+             (objectives.EDM(), (8, 8, 1), 3, "num_classes=3; this run's has 10")]
+    for objective, shape, classes, match in cases:
+        run = types.SimpleNamespace(objective=objective, image_shape=shape, num_classes=classes)
+        monkeypatch.setattr(workdir_lib, "load_workdir", lambda path, run=run: types.SimpleNamespace(run=run))
+        c = tiny_config()
+        c.diffusion.objective, c.sample.sampler, c.sample.num_steps = "consistency_distillation", "consistency", 1
+        c.distill.teacher = str(tmp_path)
+        with pytest.raises(ValueError, match="config.distill.teacher=.*" + match):
+            resolve(c, num_devices=1)
