@@ -86,7 +86,8 @@ def pseudo_huber(a, b, c):
     return jnp.sqrt(sq + c**2) - c
 
 
-DISTANCES = ("pseudo_huber", "l2")  # the distance d of ct_loss / cd_loss
+#: The distances ``d`` of :func:`ct_loss` and :func:`cd_loss`.
+DISTANCES = ("pseudo_huber", "l2")
 
 
 def _consistency_loss(pred, target, x0, sigma, sigma_next, c, distance):
