@@ -20,6 +20,12 @@ iCT's log-normal weights (:func:`level_probs`), and minimise
 with ``lambda = 1 / (sigma_{i+1} - sigma_i)`` and the pseudo-Huber ``d(a, b) = sqrt(||a - b||^2 +
 c^2) - c``, ``c = 0.00054 sqrt(dim)`` (:func:`ct_loss`).
 
+Consistency distillation (CD, Song et al. 2023, Algorithm 2; :func:`cd_loss`): the point at the lower
+level is the teacher's one ODE step from ``x_{i+1} = x0 + sigma_{i+1} z`` down to ``sigma_i`` instead of
+``x0 + sigma_i z``; the target ``f(x_hat_i, sigma_i)`` uses the same parameters under stop-gradient
+(as iCT: no EMA target). The same weight ``lambda`` and distance (pseudo-Huber, or ``l2``: ``||a - b||^2``
+per element's mean) serve both.
+
 Sampling (:mod:`jaxdiff.samplers.consistency`): ``x0 = f(sigma_max z, sigma_max)``, then for each
 further level ``sigma``: ``x0 = f(x0 + sqrt(sigma^2 - sigma_min^2) z', sigma)`` (multistep).
 """
@@ -34,7 +40,8 @@ import jax.numpy as jnp
 
 from jaxdiff.diffusion import bcast, karras_sigma
 
-__all__ = ["coefficients", "num_scales", "karras_grid", "level_probs", "pseudo_huber", "ct_loss"]
+__all__ = ["coefficients", "num_scales", "karras_grid", "level_probs", "pseudo_huber", "DISTANCES", "ct_loss",
+           "cd_loss"]
 
 
 def coefficients(sigma, *, sigma_data=0.5, sigma_min=0.002):
@@ -79,21 +86,52 @@ def pseudo_huber(a, b, c):
     return jnp.sqrt(sq + c**2) - c
 
 
+#: The distances ``d`` of :func:`ct_loss` and :func:`cd_loss`.
+DISTANCES = ("pseudo_huber", "l2")
+
+
+def _consistency_loss(pred, target, x0, sigma, sigma_next, c, distance):
+    """``mean(lambda d(pred, sg(target)))`` with ``lambda = 1 / (sigma_next - sigma)``, and the metrics."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if pred.shape != x0.shape:
+        raise ValueError(f"the consistency function returned shape {pred.shape}; expected {x0.shape}")
+    b = x0.shape[0]
+    target = jax.lax.stop_gradient(target.astype(jnp.float32))
+    pred = pred.astype(jnp.float32)
+    sq = jnp.mean(((pred - target) ** 2).reshape(b, -1), axis=-1)
+    if distance == "l2":
+        d = sq
+    else:
+        d = pseudo_huber(pred, target, 0.00054 * math.sqrt(math.prod(x0.shape[1:])) if c is None else c)
+    loss = jnp.mean(d / (sigma_next - sigma))
+    return loss, {"loss": loss, "mse": jnp.mean(sq)}
+
+
 def ct_loss(f: Callable, x0: jax.Array, *, sigma: jax.Array, sigma_next: jax.Array, noise: jax.Array,
-            c: float | None = None):
+            c: float | None = None, distance: str = "pseudo_huber"):
     """The consistency-training loss of ``f(x [B, ...], sigma [B])``. Returns ``(loss, metrics)``.
 
     ``sigma < sigma_next`` ``[B]`` are adjacent grid levels; ``noise`` ``z`` is shared by both points.
-    ``c``: the pseudo-Huber constant (default ``0.00054 sqrt(dim)``, dim = elements per example).
+    ``c``: the pseudo-Huber constant (default ``0.00054 sqrt(dim)``, dim = elements per example);
+    ``distance``: one of :data:`DISTANCES`.
     """
-    b = x0.shape[0]
-    if c is None:
-        c = 0.00054 * math.sqrt(math.prod(x0.shape[1:]))
-    target = jax.lax.stop_gradient(f(x0 + bcast(sigma, x0) * noise, sigma).astype(jnp.float32))
-    pred = f(x0 + bcast(sigma_next, x0) * noise, sigma_next).astype(jnp.float32)
-    if pred.shape != x0.shape:
-        raise ValueError(f"the consistency function returned shape {pred.shape}; expected {x0.shape}")
-    d = pseudo_huber(pred, target, c)
-    loss = jnp.mean(d / (sigma_next - sigma))
-    mse = jnp.mean(((pred - target) ** 2).reshape(b, -1))
-    return loss, {"loss": loss, "mse": mse}
+    target = f(x0 + bcast(sigma, x0) * noise, sigma)
+    pred = f(x0 + bcast(sigma_next, x0) * noise, sigma_next)
+    return _consistency_loss(pred, target, x0, sigma, sigma_next, c, distance)
+
+
+def cd_loss(f: Callable, teacher_move: Callable, x0: jax.Array, *, sigma: jax.Array, sigma_next: jax.Array,
+            noise: jax.Array, c: float | None = None, distance: str = "pseudo_huber"):
+    """The consistency-distillation loss of ``f(x [B, ...], sigma [B])``. Returns ``(loss, metrics)``.
+
+    ``teacher_move(x [B, ...], sigma_from [B], sigma_to [B])``: the teacher's ODE step (e.g. one step of
+    :func:`jaxdiff.samplers.karras.ode_step` through its Denoiser), under stop-gradient. ``sigma <
+    sigma_next`` ``[B]``: adjacent grid levels; ``noise``: the unit ``z`` of ``x_{i+1} = x0 + sigma_next z``.
+    ``c``, ``distance``: as :func:`ct_loss`.
+    """
+    x_next = x0 + bcast(sigma_next, x0) * noise
+    x_hat = jax.lax.stop_gradient(teacher_move(x_next, sigma_next, sigma).astype(jnp.float32))
+    if x_hat.shape != x0.shape:
+        raise ValueError(f"the teacher's move returned shape {x_hat.shape}; expected {x0.shape}")
+    return _consistency_loss(f(x_next, sigma_next), f(x_hat, sigma), x0, sigma, sigma_next, c, distance)

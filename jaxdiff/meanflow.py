@@ -13,6 +13,17 @@ the loss ``||u - sg(u_tgt)||^2`` with the adaptive weight ``sg(1 / (||Delta||^2 
 (:func:`meanflow_loss`). ``(r, t)`` are drawn by :func:`sample_r_t`: two logit-normal times
 ``t >= r``, and ``r = t`` (plain flow matching) for a share ``1 - ratio`` of the examples.
 
+Classifier-free guidance folded into training (MeanFlow's Sec. 4.2 and its Appendix eq. with
+``kappa``): for an example with a label ``c``, ``v`` is replaced by the guided field
+
+    v_tilde = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null)
+
+(:func:`guided_velocity`; ``u(., t, t)`` the network's own instantaneous velocity under
+stop-gradient) in the target and in the JVP's tangent; null-label examples keep ``v``. At the fixed
+point the network's conditional velocity is ``w v(z, t | c) + (1 - w) v(z, t)`` with the effective
+scale ``w = omega / (1 - kappa)``, so its 1-step samples are guided with no guidance at sampling.
+``omega = 1, kappa = 0`` is plain MeanFlow.
+
 ``u(z, t, t) = v(z, t)``, so the same network is also a flow model
 (:func:`jaxdiff.denoiser.average_velocity_denoiser`); the registry's ``meanflow`` sampler makes
 ``n`` jumps (:mod:`jaxdiff.samplers.meanflow`), one for one-step generation.
@@ -29,7 +40,7 @@ from jaxdiff import checks
 from jaxdiff.diffusion import bcast
 from jaxdiff.flow import interpolate, velocity_target
 
-__all__ = ["sample_r_t", "meanflow_target", "meanflow_loss"]
+__all__ = ["sample_r_t", "meanflow_target", "guided_velocity", "check_guidance", "meanflow_loss"]
 
 
 def sample_r_t(key, *, ratio: float = 0.25, mu: float = -0.4, sigma: float = 1.0) -> jax.Array:
@@ -56,8 +67,29 @@ def meanflow_target(u_fn: Callable, z: jax.Array, r: jax.Array, t: jax.Array, v:
     return u, jax.lax.stop_gradient(target)
 
 
+def guided_velocity(v: jax.Array, u_cond: jax.Array, u_null: jax.Array, conditional: jax.Array, *,
+                    omega: float, kappa: float = 0.0) -> jax.Array:
+    """``omega v + kappa u_cond + (1 - omega - kappa) u_null`` where ``conditional`` ``[B]`` (bool), else ``v``.
+
+    ``v``, ``u_cond`` (``u(z, t, t | c)``), ``u_null`` (``u(z, t, t | null)``): ``[B, ...]``; the
+    network's terms are put under ``stop_gradient`` here.
+    """
+    u_cond, u_null = jax.lax.stop_gradient(u_cond), jax.lax.stop_gradient(u_null)
+    guided = omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_null
+    return jnp.where(bcast(conditional, v), guided, v)
+
+
+def check_guidance(omega, kappa, prefix: str = "") -> None:
+    """``ValueError`` naming ``prefix + guidance`` / ``guidance_kappa`` unless ``omega > 0`` and ``0 <= kappa < 1``."""
+    if not omega > 0:
+        raise ValueError(f"{prefix}guidance={omega!r}: must be positive (1: no guidance)")
+    if not 0.0 <= kappa < 1.0:
+        raise ValueError(f"{prefix}guidance_kappa={kappa!r}: must lie in [0, 1) (0: MeanFlow's plain CFG)")
+
+
 def meanflow_loss(u_fn: Callable, x0: jax.Array, *, r: jax.Array, t: jax.Array, noise: jax.Array,
-                  p: float = 1.0, c: float = 1e-3):
+                  p: float = 1.0, c: float = 1e-3, guidance: float = 1.0, guidance_kappa: float = 0.0,
+                  u_null_fn: Callable | None = None, conditional: jax.Array | None = None):
     """MeanFlow's loss (eq. 9 with the adaptive weighting of its Sec. 4.3). Returns ``(loss, metrics)``.
 
     Args:
@@ -65,8 +97,13 @@ def meanflow_loss(u_fn: Callable, x0: jax.Array, *, r: jax.Array, t: jax.Array, 
       x0: ``[B, ...]`` data; r, t: ``[B]`` times (:func:`sample_r_t`); noise: unit normal like ``x0``.
       p, c: the weight ``sg(1 / (e_b + c)^p)`` of example ``b``'s error ``e_b`` (the mean squared
         error over its elements; ``p = 0``: plain L2).
+      guidance, guidance_kappa: ``omega`` and ``kappa`` of the guided field (module docstring;
+        ``1, 0``: off). With guidance on, ``u_null_fn(z, r, t)`` is ``u`` under the null label and
+        ``conditional`` ``[B]`` (bool) marks the examples with a label.
     Returns the weighted mean and ``{"loss", "mse"`` (the unweighted mean squared error)``}``.
     """
+    check_guidance(guidance, guidance_kappa)
+    guided = guidance != 1.0 or guidance_kappa != 0.0
     x0 = checks.as_float_array(x0, "x0")
     b = x0.shape[0]
     for name, a in (("r", r), ("t", t)):
@@ -74,8 +111,14 @@ def meanflow_loss(u_fn: Callable, x0: jax.Array, *, r: jax.Array, t: jax.Array, 
             raise ValueError(f"{name} must have shape [B]=({b},), got {jnp.shape(a)}")
     if noise.shape != x0.shape:
         raise ValueError(f"noise must have the shape of x0 {x0.shape}, got {noise.shape}")
+    if guided and (u_null_fn is None or conditional is None or jnp.shape(conditional) != (b,)):
+        raise ValueError("guidance != 1 or guidance_kappa != 0 needs u_null_fn and conditional [B] "
+                         "(a class-conditional network)")
     z = interpolate(x0, noise, t)
-    u, target = meanflow_target(u_fn, z, r, t, velocity_target(x0, noise))
+    v = velocity_target(x0, noise)
+    if guided:
+        v = guided_velocity(v, u_fn(z, t, t), u_null_fn(z, t, t), conditional, omega=guidance, kappa=guidance_kappa)
+    u, target = meanflow_target(u_fn, z, r, t, v)
     if u.shape != x0.shape:
         raise ValueError(f"u_fn returned shape {u.shape}; expected {x0.shape}")
     err = jnp.mean(((u.astype(jnp.float32) - target) ** 2).reshape(b, -1), axis=-1)

@@ -31,7 +31,7 @@ def test_docs_build_strict(tmp_path):
 # these tests read the pages as they render (includes expanded) and compare them with the code.
 
 _INCLUDE = re.compile(r"```\{include\} (\S+)\n:start-after: (.*)\n:end-before: (.*)\n```")
-_SECTIONS = ("data", "model", "diffusion", "train", "sample", "eval", "parallel")
+_SECTIONS = ("data", "model", "diffusion", "distill", "train", "sample", "eval", "parallel")
 _FILES = ("py", "json", "jsonl", "npz", "png", "md", "safetensors")
 
 

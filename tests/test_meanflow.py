@@ -10,6 +10,7 @@ exact average velocity ``u*(z, r, t) = (z - Phi_{t->r}(z)) / (t - r)`` and the m
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.stats
 
@@ -161,3 +162,173 @@ def test_config_errors_name_the_meanflow_field():
     config.diffusion.meanflow.ratio = 1.5
     with pytest.raises(ValueError, match=r"config.diffusion.meanflow.ratio=1.5"):
         objectives.from_config(config.diffusion)
+
+
+# Guided training (MeanFlow Sec. 4.2): class c ~ N(m_c, s^2) per coordinate, and the null label's model
+# N(m_null, s^2) (a Gaussian, so that the guided field is Gaussian too). Every velocity of N(m, s^2) is
+# affine in m, so the guided field w v(.|c) + (1 - w) v(.|null) is the field of N(w m_c + (1 - w) m_null,
+# s^2), whose exact average velocity is closed-form: the target with that u* must give u* back.
+CLASS_M = np.array([[1.0, -0.5], [-1.0, 0.8]])
+NULL_M = np.array([0.2, 0.1])
+GS = np.array([0.6, 0.9])
+
+
+def _gauss_u(z, r, t, m, xp=np):
+    """u*(z, r, t) of N(m [B, D], GS^2) (v* where r = t), float64 NumPy or float32 JAX."""
+    s = xp.asarray(GS)[None, :]
+    mu = lambda a: (1 - a)[:, None] * m
+    sig = lambda a: xp.sqrt((1 - a)[:, None] ** 2 * s**2 + a[:, None] ** 2)
+    v = -m + (-(1 - t)[:, None] * s**2 + t[:, None]) / sig(t) ** 2 * (z - mu(t))
+    gap = (t - r)[:, None]
+    safe = xp.where(gap > 1e-4, gap, 1.0)
+    u = (z - (mu(r) + sig(r) / sig(t) * (z - mu(t)))) / safe
+    return xp.where(gap > 1e-4, u, v)
+
+
+def _guided_means(y, w, xp=np):
+    """The mean whose field the network learns for label y (2 = null): w m_c + (1 - w) m_null."""
+    m_c = xp.asarray(CLASS_M)[xp.minimum(y, 1)]
+    m_w = w * m_c + (1 - w) * xp.asarray(NULL_M)[None, :]
+    return xp.where((y == 2)[:, None], xp.asarray(NULL_M)[None, :], m_w)
+
+
+def _guided_case(n=256, seed=3):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    a, b = jax.random.uniform(k1, (2, n), minval=0.05, maxval=0.95)
+    r = jnp.minimum(a, b).at[: n // 4].set(jnp.maximum(a, b)[: n // 4])  # some r = t, as the sampler makes
+    t = jnp.maximum(a, b)
+    z = jax.random.normal(k2, (n, 2)) * 1.2
+    y = jax.random.randint(k3, (n,), 0, 3)  # 2: the null label
+    return z, r, t, y
+
+
+@pytest.mark.parametrize("omega,kappa", [(2.0, 0.0), (1.5, 0.4), (1.0, 0.5)])
+def test_the_guided_target_of_the_exact_guided_average_velocity_is_itself(omega, kappa):
+    w = omega / (1 - kappa)  # the effective scale
+    z, r, t, y = _guided_case()
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+
+    def u_of(labels):
+        return lambda zz, rr, tt: _gauss_u(zz, rr, tt, f32(_guided_means(labels, w, jnp)), jnp)
+
+    # the per-example v replaced by its conditional mean: v*(z, t | c), and v*(z, t | null) for null examples
+    m_data = np.where((np.asarray(y) == 2)[:, None], NULL_M[None, :], CLASS_M[np.minimum(np.asarray(y), 1)])
+    v = _gauss_u(z, t, t, f32(m_data), jnp)
+    v_tilde = meanflow.guided_velocity(v, u_of(y)(z, t, t), u_of(jnp.full_like(y, 2))(z, t, t), y != 2,
+                                       omega=omega, kappa=kappa)
+    _, target = meanflow.meanflow_target(u_of(y), z, r, t, v_tilde)
+    z64, r64, t64 = (np.asarray(a, np.float64) for a in (z, r, t))
+    want = _gauss_u(z64, r64, t64, _guided_means(np.asarray(y), w))
+    np.testing.assert_allclose(np.asarray(target), want, rtol=2e-3, atol=2e-3)
+    # the unguided target of the same network misses it (the guidance is really in the target)
+    _, plain = meanflow.meanflow_target(u_of(y), z, r, t, v)
+    assert np.max(np.abs(np.asarray(plain) - want)[np.asarray(y) != 2]) > 0.05
+
+
+def _labelled_exact_net(w):
+    def net(zz, time, labels):
+        tt, gap = time[:, 0] / 999.0, time[:, 1] / 999.0
+        return _gauss_u(zz, tt - gap, tt, _guided_means(labels, w, jnp).astype(jnp.float32), jnp)
+    return net
+
+
+def test_the_guided_objective_loss_vanishes_at_the_exact_guided_model():
+    """Through objectives.MeanFlow.loss: labels, the null label's second call, and x0 / noise chosen so
+    that the per-example v is the conditional mean (x0 = z - t v, noise = z + (1 - t) v)."""
+    omega, kappa = 1.5, 0.4
+    z, r, t, y = _guided_case(seed=5)
+    m_data = np.where((np.asarray(y) == 2)[:, None], NULL_M[None, :], CLASS_M[np.minimum(np.asarray(y), 1)])
+    v = _gauss_u(z, t, t, jnp.asarray(m_data, jnp.float32), jnp)
+    x0, noise = z - t[:, None] * v, z + (1 - t)[:, None] * v
+    net_w = _labelled_exact_net(omega / (1 - kappa))
+    obj = objectives.MeanFlow(weight_p=0.0, guidance=omega, guidance_kappa=kappa)
+    bound = lambda zz, time, labels=y: net_w(zz, time, labels)
+    loss, _ = obj.loss(bound, x0, None, level=jnp.stack([r, t], 1), noise=noise, labels=y, null_label=2)
+    assert float(loss) < 1e-5
+    # plain MeanFlow (omega = 1) on the same guided network is far from its target
+    plain, _ = objectives.MeanFlow(weight_p=0.0).loss(bound, x0, None, level=jnp.stack([r, t], 1), noise=noise,
+                                                      labels=y, null_label=2)
+    assert float(plain) > 1e-2
+
+
+def test_the_default_guidance_leaves_the_target_unchanged():
+    """omega = 1, kappa = 0: the loss is ||u - (v - (t - r) du/dt)||^2 with v = noise - x0, written here."""
+    z, r, t, y = _guided_case(seed=7)
+    x0 = jax.random.normal(jax.random.key(8), z.shape)
+    noise = jax.random.normal(jax.random.key(9), z.shape)
+    net = _labelled_exact_net(1.7)
+    bound = lambda zz, time, labels=y: net(zz, time, labels)
+    loss, _ = objectives.MeanFlow(weight_p=0.0).loss(bound, x0, None, level=jnp.stack([r, t], 1), noise=noise,
+                                                     labels=y, null_label=2)
+    # reference: float64, d/dt u by a central difference along (z + h v, t + h)
+    x0_, e_, r_, t_ = (np.asarray(a, np.float64) for a in (x0, noise, r, t))
+    zz = (1 - t_)[:, None] * x0_ + t_[:, None] * e_
+    vv = e_ - x0_
+    m = _guided_means(np.asarray(y), 1.7)
+    h = 1e-5
+    dudt = (_gauss_u(zz + h * vv, r_, t_ + h, m) - _gauss_u(zz - h * vv, r_, t_ - h, m)) / (2 * h)
+    err = _gauss_u(zz, r_, t_, m) - (vv - (t_ - r_)[:, None] * dudt)
+    np.testing.assert_allclose(float(loss), np.mean(err**2), rtol=2e-3)
+
+
+def test_guidance_settings_are_checked():
+    with pytest.raises(ValueError, match="guidance"):
+        meanflow.check_guidance(0.0, 0.0)
+    with pytest.raises(ValueError, match="guidance_kappa"):
+        meanflow.check_guidance(1.0, 1.0)
+    with pytest.raises(ValueError, match="u_null_fn"):
+        meanflow.meanflow_loss(lambda z, r, t: z, jnp.zeros((2, 2)), r=jnp.zeros(2), t=jnp.ones(2) * 0.5,
+                               noise=jnp.zeros((2, 2)), guidance=2.0)
+
+
+def test_guided_training_settings_name_the_field():
+    from jaxdiff.training.setup import resolve
+
+    from training_utils import tiny_config
+
+    def config(**mf):
+        c = tiny_config()
+        c.diffusion.objective, c.sample.sampler, c.sample.num_steps, c.sample.guidance = "meanflow", "meanflow", 1, 1.0
+        for k, v in mf.items():
+            c.diffusion.meanflow[k] = v
+        return c
+
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.guidance=0.0"):
+        resolve(config(guidance=0.0))
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.guidance_kappa=1.0"):
+        resolve(config(guidance_kappa=1.0))
+    c = config(guidance=2.0)
+    c.model.class_conditional = False
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.guidance=2.0: .*class-conditional"):
+        resolve(c)
+    c = config(guidance=2.0)
+    c.train.label_dropout = 0.0
+    with pytest.raises(ValueError, match=r"config.diffusion.meanflow.guidance=2.0: .*label_dropout"):
+        resolve(c)
+    assert resolve(config(guidance=2.0, guidance_kappa=0.5)).objective.guided
+
+
+def test_the_train_step_gives_guided_meanflow_its_labels():
+    """Through the unchanged train step: the null label's branch is really the network under the null label
+    (no label is dropped, so only the guided target's u(z, t, t | null) sees the null label's parameter)."""
+    from jaxdiff.training.state import TrainState
+    from jaxdiff.training.step import train_step
+
+    def apply(variables, x, t, y, train=True, dropout_keys=None):
+        scale = jnp.where(y == 3, variables["params"]["null"], variables["params"]["a"])
+        return scale.reshape(-1, 1, 1, 1) * x + 0.001 * t[:, :1, None, None]
+
+    tx = optax.sgd(0.0)
+    batch = {"image": jax.random.normal(jax.random.key(1), (8, 2, 2, 1)), "index": jnp.arange(8),
+             "label": jnp.arange(8) % 3}
+
+    def loss(objective, null_scale):
+        params = {"a": jnp.asarray(0.5), "null": jnp.asarray(null_scale)}
+        state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
+                           ema_params=params, apply_fn=apply, tx=tx, ema_decay=0.9, num_classes=3, label_dropout=0.0)
+        return float(jax.jit(train_step)(state, batch, jax.random.key(2), objective)[1]["loss"])
+
+    guided = objectives.MeanFlow(guidance=2.0, weight_p=0.0)
+    assert loss(guided, 0.1) != pytest.approx(loss(guided, -0.7), rel=1e-3)
+    plain = objectives.MeanFlow(weight_p=0.0)  # no label dropped: plain MeanFlow never calls the null branch
+    assert loss(plain, 0.1) == loss(plain, -0.7)

@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     # diffusion | flow_matching (rectified flow, jaxdiff.flow) | edm (Karras et al. 2022, jaxdiff.edm:
     # the UNet preconditioned as a denoiser D(x, sigma); schedule, prediction, weighting unused) |
     # meanflow (Geng et al. 2025, jaxdiff.meanflow: average velocities, 1- or n-step sampling) |
-    # consistency (iCT consistency training, jaxdiff.consistency: 1- or n-step sampling)
+    # consistency (iCT consistency training, jaxdiff.consistency: 1- or n-step sampling) |
+    # consistency_distillation (CD from a teacher workdir, config.distill below)
     config.diffusion.objective = "diffusion"
     config.diffusion.schedule = "linear"  # linear | cosine | sigmoid
     config.diffusion.num_timesteps = 1000
@@ -68,6 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.meanflow.p_mean = -0.4
     config.diffusion.meanflow.p_std = 1.0
     config.diffusion.meanflow.weight_p = 1.0
+    # classifier-free guidance folded into the target (class-conditional models with label dropout):
+    # omega (1: off) and kappa of v_tilde = omega v + kappa u(c) + (1 - omega - kappa) u(null);
+    # the effective scale is omega / (1 - kappa), and sampling then needs no guidance.
+    config.diffusion.meanflow.guidance = 1.0
+    config.diffusion.meanflow.guidance_kappa = 0.0
     # objective="consistency" only (iCT): the curriculum's length (set it to train.num_steps) and its
     # N from s0 to s1, and the log-normal level weights (P_mean, P_std); sigma_data above is used too.
     config.diffusion.consistency = ml_collections.ConfigDict()
@@ -76,6 +82,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.consistency.s1 = 1280
     config.diffusion.consistency.p_mean = -1.1
     config.diffusion.consistency.p_std = 2.0
+    # objective="consistency_distillation" only (CD, jaxdiff.objectives.distillation): the teacher's
+    # workdir (a trained edm / diffusion / flow_matching run of the same image shape and classes;
+    # its EMA parameters, frozen and kept out of the student's checkpoints), the fixed Karras grid's
+    # N, the registry sampler whose one ODE step is the teacher's move (heun | euler), and the
+    # distance (pseudo_huber as iCT | l2).
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher = ""
+    config.distill.num_scales = 18
+    config.distill.teacher_sampler = "heun"
+    config.distill.distance = "pseudo_huber"
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 3000

@@ -14,16 +14,17 @@ from __future__ import annotations
 from jaxdiff.objectives.base import Network, Objective
 from jaxdiff.objectives.consistency import Consistency
 from jaxdiff.objectives.diffusion import Diffusion
+from jaxdiff.objectives.distillation import ConsistencyDistillation
 from jaxdiff.objectives.edm import EDM
 from jaxdiff.objectives.flow_matching import FlowMatching
 from jaxdiff.objectives.meanflow import MeanFlow
 
 __all__ = ["OBJECTIVES", "Objective", "Network", "Diffusion", "FlowMatching", "EDM", "MeanFlow", "Consistency",
-           "from_config", "names"]
+           "ConsistencyDistillation", "from_config", "names"]
 
 #: Every objective by its config name.
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Diffusion, FlowMatching, EDM, MeanFlow, Consistency)}
+    cls.name: cls for cls in (Diffusion, FlowMatching, EDM, MeanFlow, Consistency, ConsistencyDistillation)}
 
 
 def names() -> tuple[str, ...]:

@@ -51,6 +51,7 @@ class Objective(abc.ABC):
     name: ClassVar[str]  # its key in jaxdiff.objectives.OBJECTIVES and config.diffusion.objective
     views: ClassVar[tuple[str, ...]] = ("denoiser",)  # what its Denoiser offers the samplers
     time_inputs: ClassVar[int] = 1  # the network's time inputs (time [B] or [B, time_inputs])
+    uses_labels: ClassVar[bool] = False  # its loss takes labels= and null_label= (see loss)
 
     @classmethod
     @abc.abstractmethod
@@ -69,12 +70,27 @@ class Objective(abc.ABC):
         (unused when levels and noise are given). The loss and every metric are means over the ``B``
         examples of terms that depend on one example alone (the train step's gradient accumulation,
         ``config.train.microbatches``, averages microbatches' means: exact only for such means; every
-        objective here is one, MeanFlow's adaptive weight and consistency's level weight included)."""
+        objective here is one, MeanFlow's adaptive weight and consistency's level weight included).
+
+        An objective with ``uses_labels = True`` also takes ``labels=`` and ``null_label=``: for a
+        class-conditional network, ``labels`` ``[B]`` are those ``net`` is bound to (``null_label`` where
+        dropped for classifier-free guidance), and ``net(x, time, other_labels)`` evaluates it under other
+        labels ``[B]``; ``None`` for an unconditional one."""
 
     @abc.abstractmethod
     def denoiser(self, net: Network, *, clip_x0: bool = False) -> den.Denoiser:
         """The network as every sampler sees it. ``clip_x0``: clip its x0 estimates to ``[-1, 1]``
         where the objective's parameterization allows it (image data)."""
+
+    def for_run(self, config, *, image_shape: tuple[int, ...], num_classes: int | None,
+                training: bool, load_workdir: Callable | None = None) -> Objective:
+        """The objective completed with the run's facts outside ``config.diffusion`` (called once by
+        :func:`jaxdiff.training.setup.resolve`; ``ValueError`` naming the first bad setting). ``training``:
+        the run trains (load what only training needs, e.g. a teacher); ``load_workdir(path)`` then reads
+        another run's workdir (:func:`jaxdiff.training.workdir.load_workdir`, passed in by the training
+        layer so that objectives never import it). Default: itself."""
+        del config, image_shape, num_classes, training, load_workdir
+        return self
 
     def at_step(self, step) -> Objective:
         """The objective at training step ``step`` (traced): the train step calls it once per step, for

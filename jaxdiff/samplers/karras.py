@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import checks
-from jaxdiff.diffusion import karras_sigma
+from jaxdiff.diffusion import bcast, karras_sigma
 from jaxdiff.samplers.common import check_num_steps, one_per_step, run_loop, steps_result
 
-__all__ = ["grid_sigma", "euler", "heun", "euler_ancestral", "heun_on_grid", "euler_nfe", "heun_nfe"]
+__all__ = ["grid_sigma", "euler", "heun", "euler_ancestral", "heun_on_grid", "ode_step", "euler_nfe", "heun_nfe"]
 
 
 euler_nfe = one_per_step  # NFE of euler and euler_ancestral: n
@@ -72,9 +72,30 @@ def _start(denoiser, x_T, smax) -> jax.Array:
 
 
 def _deriv(denoiser, x, sigma):
-    """``(D(x, sigma), (x - D) / sigma)``: the denoised estimate and ``dx/dsigma``; one evaluation."""
-    den = denoiser.fn(x, jnp.full((x.shape[0],), sigma)).astype(jnp.float32)
-    return den, (x - den) / sigma
+    """``(D(x, sigma), (x - D) / sigma)``: the denoised estimate and ``dx/dsigma`` (``sigma`` scalar or
+    ``[B]``); one evaluation."""
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
+    den = denoiser.fn(x, sigma).astype(jnp.float32)
+    return den, (x - den) / bcast(sigma, x)
+
+
+def _step(denoiser, x, d, sigma, sigma_next, corrector: bool):
+    """From ``x`` at ``sigma`` with slope ``d`` to ``sigma_next > 0``: Euler, and with ``corrector``
+    Heun's trapezoid (one more evaluation, at ``sigma_next``). ``sigma``, ``sigma_next``: scalar or ``[B]``."""
+    h = bcast(jnp.asarray(sigma_next, jnp.float32) - sigma, x)
+    x_euler = x + h * d
+    if not corrector:
+        return x_euler
+    return x + h * 0.5 * (d + _deriv(denoiser, x_euler, sigma_next)[1])
+
+
+def ode_step(denoiser, x, sigma, sigma_next, *, corrector: bool = True) -> jax.Array:
+    """One deterministic step of :func:`heun` (``corrector``, 2 evaluations) or :func:`euler` (1) of the
+    probability-flow ODE from ``x`` ``[B, ...]`` at ``sigma`` to ``sigma_next`` (``[B]`` or scalars, both
+    positive): the step of those samplers' chains, for one example's own levels (consistency distillation's
+    teacher move)."""
+    _, d = _deriv(denoiser, x, sigma)
+    return _step(denoiser, x, d, sigma, sigma_next, corrector)
 
 
 def _chain(denoiser, x, sigma_at: Callable, num_steps, key, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
@@ -96,12 +117,11 @@ def _chain(denoiser, x, sigma_at: Callable, num_steps, key, *, s_churn=0.0, s_tm
             z = jnp.zeros_like(x)
         x_hat = x + jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * s_noise * z
         den, d = _deriv(denoiser, x_hat, sigma_hat)
-        x_euler = x_hat + (sigma_next - sigma_hat) * d
         if not corrector:
-            return jnp.where(sigma_next > 0, x_euler, den)
+            return jnp.where(sigma_next > 0, _step(denoiser, x_hat, d, sigma_hat, sigma_next, False), den)
 
         def correct(_):
-            return x_hat + (sigma_next - sigma_hat) * 0.5 * (d + _deriv(denoiser, x_euler, sigma_next)[1])
+            return _step(denoiser, x_hat, d, sigma_hat, sigma_next, True)
 
         # The predicate does not depend on the data, so this stays a cond under vmap over keys.
         return jax.lax.cond(sigma_next > 0, correct, lambda _: den, None)

@@ -282,7 +282,10 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool,
 
 
 def resolve(config, *, num_devices: int | None = None) -> Run:
-    """Validates ``config`` and derives the run's facts (reads the dataset's metadata, builds nothing heavy)."""
+    """Validates ``config`` and derives the run's facts (reads the dataset's metadata, builds nothing heavy).
+
+    A training run (``num_devices`` given) also loads what its objective needs only to train
+    (:meth:`jaxdiff.objectives.Objective.for_run`: a distillation teacher)."""
     objective = validate_config(config, num_devices=num_devices)
     dt = config.data
     manifest, vae = None, ""
@@ -310,6 +313,12 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     if config.model.class_conditional and info.num_classes is None:
         _fail("model.class_conditional", True, f"dataset {info.name!r} has no labels")
     num_classes = info.num_classes if config.model.class_conditional else None
+    training = num_devices is not None
+    load = None
+    if training:  # the one workdir loader, for objectives that read another run (workdir imports this module)
+        from jaxdiff.training.workdir import load_workdir as load
+    objective = objective.for_run(config, image_shape=image_shape, num_classes=num_classes, training=training,
+                                  load_workdir=load)
     model = make_model(config.model, num_classes=num_classes, learned_variance=objective.learned_variance,
                        time_inputs=objective.time_inputs, dtype=compute_dtype(config))
     try:

@@ -90,10 +90,11 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, objective: O
             y = guidance.drop_labels(sub[:, 3], mb["label"], state.label_dropout, state.num_classes)
 
         def loss_fn(params):
-            def net(x_t, time):  # the whole (micro)batch; each example's dropout masks from its own key
-                return state.apply_fn({"params": params}, x_t, time, y, train=True, dropout_keys=sub[:, 2])
+            def net(x_t, time, labels=y):  # the whole (micro)batch; each example's dropout masks from its own key
+                return state.apply_fn({"params": params}, x_t, time, labels, train=True, dropout_keys=sub[:, 2])
 
-            return objective.loss(net, x0, root_key, level=level, noise=noise)
+            extra = {"labels": y, "null_label": state.num_classes} if objective.uses_labels else {}
+            return objective.loss(net, x0, root_key, level=level, noise=noise, **extra)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return grads, metrics
