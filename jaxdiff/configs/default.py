@@ -99,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.learning_rate = 2e-4
     config.train.warmup_steps = 100
     config.train.grad_clip = 1.0
+    config.train.adam_b2 = 0.999  # Adam's second-moment decay (MeanFlow and other transformer recipes: 0.95)
     config.train.ema_decay = 0.999
     config.train.label_dropout = 0.1  # classifier-free guidance training (conditional models only)
     # Mixed precision: the network computes in compute_dtype ("bfloat16" on accelerators), with its

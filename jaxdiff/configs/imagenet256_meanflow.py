@@ -5,9 +5,10 @@ lr 1e-4, EMA 0.9999) with the MeanFlow objective and the paper's settings for Di
 Table 4): 25% of examples at ``r != t`` (``meanflow.ratio``), logit-normal times ``(-0.4, 1.0)``,
 the adaptive loss weight with ``p = 1.0``, 240 epochs (1.2M steps), sampled in one jump of the
 average velocity (the ``meanflow`` sampler, 1 network call; ``--steps 2`` for two). The paper's
-1-NFE FID for B/2 is 6.17 with its guidance folded into the training target, so it samples at
-scale 1 ("guidance as trained"); this config samples at 1 and trains with label dropout 0.1 only.
-The paper's Adam uses ``beta2 = 0.95`` (jaxdiff's optimizer: 0.999). Commands::
+1-NFE FID for B/2 is 6.17 with its guidance folded into the training target: here
+``meanflow.guidance = 1.0`` (omega) with ``meanflow.guidance_kappa = 0.5`` (the mixture with the
+network's own conditional velocity; effective scale omega / (1 - kappa) = 2), label dropout 0.1, so
+it samples at scale 1 ("guidance as trained"). Adam with ``beta2 = 0.95`` as the paper. Commands::
 
     jaxdiff-train --config jaxdiff/configs/imagenet256_meanflow.py --workdir gs://BUCKET/meanflow_b_2 \
         --config.data.latents=latents/imagenet256 --config.data.data_dir=DATA
@@ -27,6 +28,9 @@ def get_config():
     config.diffusion.meanflow.p_mean = -0.4
     config.diffusion.meanflow.p_std = 1.0
     config.diffusion.meanflow.weight_p = 1.0
+    config.diffusion.meanflow.guidance = 1.0  # omega
+    config.diffusion.meanflow.guidance_kappa = 0.5  # effective scale omega / (1 - kappa) = 2
+    config.train.adam_b2 = 0.95
     config.train.num_steps = 1_200_000  # 240 epochs of 1,281,167 images at batch 256
     config.sample.sampler = "meanflow"
     config.sample.num_steps = 1

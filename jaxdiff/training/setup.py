@@ -141,6 +141,8 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
             _fail(f"train.{name}", tr[name], "must be a positive integer")
     if tr.sample_every < 0:
         _fail("train.sample_every", tr.sample_every, "must be >= 0 (0: only at the end)")
+    if not 0.0 < tr.get("adam_b2", 0.999) < 1.0:
+        _fail("train.adam_b2", tr.adam_b2, "must lie in (0, 1)")
     if tr.warmup_steps < 0:
         _fail("train.warmup_steps", tr.warmup_steps, "must be >= 0")
     if not tr.learning_rate > 0:
@@ -329,7 +331,8 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
             _fail("data.image_size", size, str(error))
         _fail(f"model.{field}", getattr(model, field), f"{error}{' (the latent size)' if manifest else ''}")
     tr = config.train
-    tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
+    tx = make_optimizer(tr.learning_rate, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip,
+                        b2=tr.get("adam_b2", 0.999))
     return Run(config=config, source=source, image_shape=image_shape, num_classes=num_classes, objective=objective,
                model=model, tx=tx, latents=manifest, vae=vae,
                param_dtype=jnp.dtype(tr.get("param_dtype", "float32")))
