@@ -286,7 +286,12 @@ def load_autoencoder(path: str, *, name: str = "--vae") -> Autoencoder:
     """
     from jaxdiff.models import from_diffusers  # here: only latent runs need the models
     from jaxdiff.models.autoencoder import AutoencoderKL
+    from jaxdiff.models.diffusers import resolve_folder
 
+    try:
+        path = resolve_folder(path) if path else path  # a hub id in the huggingface_hub cache
+    except FileNotFoundError as error:
+        raise ValueError(f"{name}={path!r}: {error}") from None
     if not path or not os.path.isdir(path):
         raise ValueError(f"{name}={path!r}: no such folder (a diffusers AutoencoderKL folder: config.json and "
                          f"diffusion_pytorch_model.safetensors)")

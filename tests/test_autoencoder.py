@@ -232,3 +232,38 @@ def test_export_refuses_foreign_params(tmp_path):
     wrong = {**params, "quant_conv": {"kernel": params["quant_conv"]["kernel"][..., :2]}}
     with pytest.raises(ValueError, match="parameter tree"):
         to_diffusers(model, wrong, str(tmp_path / "out"))
+
+
+def test_a_cached_hub_id_loads_the_cached_folder_and_nothing_downloads(tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache with local_files_only (a stand-in module records
+    the call); an uncached id and a missing huggingface_hub each say what is missing."""
+    import sys
+    import types
+
+    from jaxdiff.latents import load_autoencoder
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(os.path.join(FIXTURES, "sd_2level"), snapshot / "vae")
+    calls = []
+
+    def snapshot_download(repo_id, *, local_files_only=False):
+        calls.append((repo_id, local_files_only))
+        if repo_id != "org/cached":
+            raise OSError("LocalEntryNotFoundError")
+        return str(snapshot)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    _, want = from_diffusers(os.path.join(FIXTURES, "sd_2level"))
+    _, got = from_diffusers("org/cached/vae")
+    assert calls == [("org/cached", True)]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    assert load_autoencoder("org/cached/vae").path == str(snapshot / "vae")
+    with pytest.raises(FileNotFoundError, match="org/other is not in the huggingface_hub cache"):
+        from_diffusers("org/other")
+    with pytest.raises(FileNotFoundError, match="has no folder 'unet'"):
+        from_diffusers("org/cached/unet")
+    with pytest.raises(ValueError, match=r"--vae='org/other'.*not in the huggingface_hub cache"):
+        load_autoencoder("org/other")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(FileNotFoundError, match="without huggingface_hub installed"):
+        from_diffusers("org/cached/vae")

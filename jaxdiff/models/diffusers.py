@@ -40,7 +40,8 @@ from jaxdiff.models.diffusers_config import (
 from jaxdiff.models.dit import DiT
 from jaxdiff.models.unet import UNet
 
-__all__ = ["CONVERT_BIN_COMMAND", "WRITTEN_VERSION", "diffusers_names", "from_diffusers", "to_diffusers"]
+__all__ = ["CONVERT_BIN_COMMAND", "WRITTEN_VERSION", "diffusers_names", "from_diffusers", "resolve_folder",
+           "to_diffusers"]
 
 CONFIG_NAME = "config.json"
 CLASS_NAMES = ("UNet2DModel", diffusers_dit.CLASS_NAME, diffusers_vae.CLASS_NAME)  # what from_diffusers reads
@@ -104,6 +105,36 @@ def _to_torch_layout(value: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ folders
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
+
+
+def resolve_folder(path: str) -> str:
+    """``path`` if it is a folder; else a hub id ``"org/name"`` or ``"org/name/subfolder"`` (e.g.
+    ``"facebook/DiT-XL-2-256/transformer"``) resolved to its folder in the ``huggingface_hub`` cache.
+
+    Nothing is downloaded (``local_files_only``): a hub id works where ``huggingface_hub`` is
+    installed and the files are already cached (``huggingface-cli download ORG/NAME`` once, on a machine
+    with network). ``FileNotFoundError`` says which of these is missing.
+    """
+    if os.path.isdir(path) or not _HUB_ID.match(path) or os.path.exists(path):
+        return path
+    org, name, *sub = path.split("/")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise FileNotFoundError(f"{path!r} is neither a folder nor, without huggingface_hub installed, a hub id "
+                                f"(pip install huggingface_hub to read hub ids from its cache)") from None
+    try:
+        snapshot = huggingface_hub.snapshot_download(f"{org}/{name}", local_files_only=True)
+    except Exception as e:  # huggingface_hub's LocalEntryNotFoundError and friends: not cached
+        raise FileNotFoundError(f"{path!r}: not a folder, and hub id {org}/{name} is not in the huggingface_hub "
+                                f"cache (nothing is downloaded; run `huggingface-cli download {org}/{name}` once "
+                                f"where there is network) ({type(e).__name__})") from None
+    folder = os.path.join(snapshot, *sub)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path!r}: the cached {org}/{name} has no folder {'/'.join(sub)!r}")
+    return folder
+
 
 def _read_config(folder: str) -> dict:
     if not os.path.isdir(folder):
@@ -162,7 +193,10 @@ def from_diffusers(path: str) -> tuple[UNet | DiT | AutoencoderKL, dict]:
     ``encode(x).latent_dist``), ``method=model.decode`` images; ``model.scaling_factor`` and
     ``model.shift_factor`` are the folder's (not applied by the model). Every tensor of
     the file fills a parameter and every parameter is filled, or ``ValueError`` names the leftovers.
+
+    ``path``: a folder, or a hub id already in the ``huggingface_hub`` cache (:func:`resolve_folder`).
     """
+    path = resolve_folder(path)
     config = _read_config(path)
     if config.get("_class_name") == diffusers_vae.CLASS_NAME:
         try:
