@@ -214,3 +214,26 @@ def test_presets_take_the_options():
         assert (model.norm, model.qk_norm, model.mlp, model.rope) == (norm, qk, mlp, rope)
     plain = get_model("dit_s_2")
     assert (plain.norm, plain.qk_norm, plain.mlp, plain.rope) == ("layernorm", False, "gelu", False)
+
+
+def test_config_model_fields_set_the_options_of_a_dit_preset_only():
+    from jaxdiff.configs import digits_dit
+    from jaxdiff.training.setup import resolve, validate_config
+
+    config = digits_dit.get_config()
+    config.model.norm, config.model.qk_norm, config.model.mlp, config.model.rope = "rmsnorm", True, "swiglu", True
+    model = resolve(config).model
+    assert isinstance(model, DiT) and (model.norm, model.qk_norm, model.mlp, model.rope) == (
+        "rmsnorm", True, "swiglu", True)
+    plain = resolve(digits_dit.get_config()).model
+    assert (plain.norm, plain.qk_norm, plain.mlp, plain.rope) == ("layernorm", False, "gelu", False)
+    for field, value, words in [("norm", "batchnorm", "config.model.norm='batchnorm'"),
+                                ("mlp", "relu", "config.model.mlp='relu'")]:
+        bad = digits_dit.get_config()
+        bad.model[field] = value
+        with pytest.raises(ValueError, match=words):
+            validate_config(bad)
+    unet = digits_dit.get_config()
+    unet.model.preset, unet.model.rope = "digits", True
+    with pytest.raises(ValueError, match="config.model.rope=True: is a DiT block option"):
+        validate_config(unet)

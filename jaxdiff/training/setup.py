@@ -17,7 +17,8 @@ import optax
 
 from jaxdiff import data, objectives, posthoc_ema, schedules
 from jaxdiff.metrics.stats import FEATURES
-from jaxdiff.models import PRESETS, UNet, check_model_image_size, get_model
+from jaxdiff.models import PRESETS, DiT, UNet, check_model_image_size, get_model
+from jaxdiff.models.dit import MLPS, NORMS
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MODES
@@ -25,7 +26,7 @@ from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
 __all__ = ["Run", "resolve", "validate_config", "make_schedule", "make_model", "get_config", "SCHEDULES",
-           "OBJECTIVES", "MODEL_OVERRIDES"]
+           "OBJECTIVES", "MODEL_OVERRIDES", "DIT_OVERRIDES"]
 
 OBJECTIVES = objectives.names()
 DTYPES = ("float32", "bfloat16", "float16")
@@ -36,6 +37,8 @@ CONV_BACKWARDS = ("auto", "xla", "taps")
 # config.model fields that override the preset's UNet fields when set (None: the preset's value).
 MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "scale_shift", "num_heads",
                    "norm_groups")
+# config.model fields that set a DiT preset's block options (jaxdiff.models.dit; None: the preset's value).
+DIT_OVERRIDES = ("norm", "qk_norm", "mlp", "rope")
 
 
 def _fail(setting: str, value, why: str):
@@ -137,6 +140,13 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
         _fail("sample.num_samples", sm.num_samples, "must be positive")
     if md.get("preset") is not None and md.preset not in PRESETS:
         _fail("model.preset", md.preset, f"must be one of {tuple(PRESETS)}")
+    dit_set = [k for k in DIT_OVERRIDES if md.get(k) is not None]
+    preset = md.get("preset") or "digits"
+    if dit_set and PRESETS[preset].func is not DiT:
+        _fail(f"model.{dit_set[0]}", md[dit_set[0]], f"is a DiT block option; model.preset={preset!r} is not a DiT")
+    for name, allowed in (("norm", NORMS), ("mlp", MLPS)):  # qk_norm and rope: bool placeholders
+        if md.get(name) is not None and md[name] not in allowed:
+            _fail(f"model.{name}", md[name], f"must be one of {allowed}")
     if md.dtype not in DTYPES:
         _fail("model.dtype", md.dtype, f"must be one of {DTYPES}")
     if md.get("conv_backward", "auto") not in CONV_BACKWARDS:
@@ -183,7 +193,7 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool,
     ``num_classes`` is used only if ``model.class_conditional``; ``learned_variance`` and
     ``time_inputs`` are the objective's (:class:`jaxdiff.objectives.Objective`).
     """
-    overrides = {k: model_config.get(k) for k in MODEL_OVERRIDES if model_config.get(k) is not None}
+    overrides = {k: model_config.get(k) for k in MODEL_OVERRIDES + DIT_OVERRIDES if model_config.get(k) is not None}
     for k in ("ch_mult", "attn_resolutions"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
