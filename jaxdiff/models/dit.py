@@ -169,7 +169,7 @@ _zeros = nn.initializers.zeros
 
 
 def _block_norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
-    """The parameter-free normalisation of a DiT block (``kind`` in :data:`NORMS`)."""
+    """The parameter-free normalisation of a DiT block (``kind``: ``"layernorm"`` or ``"rmsnorm"``)."""
     if kind == "rmsnorm":
         return RMSNorm(eps, use_scale=False, dtype=dtype, name=name)
     return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, dtype=dtype, name=name)
@@ -254,9 +254,9 @@ class DiT(nn.Module):
     (MeanFlow's ``(t, t - r)``): the second column gets its own timestep MLP (``t_embedder2``),
     added to the first's. ``layout``: :class:`DiTLayout` (default: the original code's).
 
-    Block options (module docstring; the defaults are the paper's): ``norm`` in :data:`NORMS` (the
-    blocks' and the final layer's normalisation), ``qk_norm``, ``mlp`` in :data:`MLPS`, ``rope``
-    (needs ``hidden_size / num_heads`` divisible by 4).
+    Block options (module docstring; the defaults are the paper's): ``norm`` (``"layernorm"`` or
+    ``"rmsnorm"``: the blocks' and the final layer's normalisation), ``qk_norm``, ``mlp``
+    (``"gelu"`` or ``"swiglu"``), ``rope`` (needs ``hidden_size / num_heads`` divisible by 4).
 
     Parameters: ``patch_embed`` (conv ``[p, p, C, D]``), ``t_embedder`` (``mlp_0``, ``mlp_1``),
     ``y_embedder`` (``[num_classes + 1, D]``), ``block_{i}`` (``adaLN_modulation``, ``qkv``,
