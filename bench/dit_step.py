@@ -17,7 +17,8 @@ Commands (from the repository root; the torch side needs torch and diffusers)::
 
     python bench/dit_step.py                # 5 rounds
     python bench/dit_step.py --quick        # smoke run (2 rounds, batch 2)
-    python bench/dit_step.py --profile      # also: XLA's time per op category of one step
+    python bench/dit_step.py --profile      # also: XLA's time per op category of one step, and
+                                            # the blocks' matmuls alone in both stacks
 
 Writes ``bench/results/dit_step.json``.
 """
@@ -143,6 +144,39 @@ def profile_step(run, path: str) -> list[list]:
     return [[k, v, 100 * v / total] for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:12]]
 
 
+def block_matmuls(model, batch: int, tokens: int) -> list[tuple[int, int, int, int]]:
+    """``(M, K, N, count)`` of the token-wise linear layers of the DiT's blocks (qkv, proj, fc1, fc2)."""
+    d = model.hidden_size
+    hidden = int(d * model.mlp_ratio)
+    m = batch * tokens
+    return [(m, d, 3 * d, model.depth), (m, d, d, model.depth), (m, d, hidden, model.depth),
+            (m, hidden, d, model.depth)]
+
+
+def matmul_cases(shapes, torch_threads: int | None):
+    """``{stack: run()}``: forward and both gradients (``x @ w``, ``g @ w.T``, ``x.T @ g``) of every
+    layer in ``shapes`` once, float32; jaxdiff's under one ``jax.jit``, torch's eager."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    arrays = [(rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32),
+               rng.standard_normal((m, n)).astype(np.float32), count) for m, k, n, count in shapes]
+
+    @jax.jit
+    def all_layers(ops):
+        return [(x @ w, g @ w.T, x.T @ g) for x, w, g in ops]
+
+    jops = [tuple(jnp.asarray(a) for a in (x, w, g)) for x, w, g, count in arrays for _ in range(count)]
+    cases = {"jaxdiff (XLA)": lambda: jax.block_until_ready(all_layers(jops))}
+    if torch_threads:
+        torch = bu.quiet_torch()
+        tops = [tuple(torch.from_numpy(a) for a in (x, w, g)) for x, w, g, count in arrays for _ in range(count)]
+        cases[f"torch {torch_threads}T"] = bu.with_threads(
+            lambda: [(x @ w, g @ w.T, x.T @ g) for x, w, g in tops], torch_threads)
+    return cases
+
+
 def main():
     p = bu.parser(__doc__)
     p.add_argument("--batch", type=int, default=None, help="batch (default: the network's, 8)")
@@ -196,6 +230,17 @@ def main():
         out["profile"] = prof
         print("\n### One jaxdiff step by XLA op category\n")
         print(bu.table(["op", "ms/step", "% of op time"], prof))
+        shapes = block_matmuls(model, batch, (net.image_shape[0] // model.patch_size) ** 2)
+        n_best = int(best.split()[-1][:-1]) if best else None
+        mm = bu.alternate(matmul_cases(shapes, n_best), rounds=rounds, warmup=WARMUP)
+        flops = 6.0 * sum(m * k * n * c for m, k, n, c in shapes)
+        out["matmuls"] = {"shapes": shapes, "timing": mm, "flops": flops}
+        step = {"jaxdiff (XLA)": timing["jaxdiff jit"]["step_s"], f"torch {n_best}T": timing[best]["step_s"] if best
+                else float("nan")}
+        print("\n### The blocks' linear layers alone (forward + both gradients, every layer once)\n")
+        print(bu.table(["stack", "matmul ms", "GFLOP/s", "step ms", "rest of the step ms"],
+                       [[k, 1e3 * v["median_s"], flops / v["median_s"] / 1e9, 1e3 * step[k],
+                         1e3 * (step[k] - v["median_s"])] for k, v in mm.items()]))
     bu.write_json("dit_step", out, args.out)
 
 
