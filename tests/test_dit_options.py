@@ -237,3 +237,25 @@ def test_config_model_fields_set_the_options_of_a_dit_preset_only():
     unet.model.preset, unet.model.rope = "digits", True
     with pytest.raises(ValueError, match="config.model.rope=True: is a DiT block option"):
         validate_config(unet)
+
+
+def test_meanflow_trains_a_dit_with_every_option_through_its_jvp():
+    """MeanFlow's jvp runs through the DiT's second time input and every block option; with the
+    zero initialisation the first step moves the final linear alone (every other gradient is 0)."""
+    import optax
+
+    from jaxdiff import objectives
+    from jaxdiff.training.state import create_train_state
+    from jaxdiff.training.step import train_step
+
+    objective = objectives.MeanFlow()
+    model = tiny(num_classes=3, time_inputs=objective.time_inputs, norm="rmsnorm", qk_norm=True, mlp="swiglu",
+                 rope=True)
+    state = create_train_state(jax.random.key(0), model, optax.adam(1e-2), (8, 8, 2), num_classes=3)
+    batch = {"image": jax.random.uniform(jax.random.key(1), (4, 8, 8, 2), minval=-1, maxval=1),
+             "index": jnp.arange(4), "label": jnp.array([0, 1, 2, 1])}
+    new, metrics = jax.jit(train_step)(state, batch, jax.random.key(2), objective)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new.params)
+    flat = {"/".join(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(moved)[0]}
+    assert flat["final_linear/kernel"] and not any(v for k, v in flat.items() if not k.startswith("final_linear"))
