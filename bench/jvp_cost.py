@@ -6,11 +6,12 @@ tangent ``(v, 0, 1)``) inside the loss and then backward through it; flow matchi
 library's ``train_step`` under ``jax.jit`` (``bench/networks.py``), timed alternately, medians
 reported. Memory is XLA's scratch for one compiled step (``memory_analysis().temp_size_in_bytes``:
 the peak beyond the train state and the batch). The issue's goal: <= 1.6x the time and <= 1.5x
-the memory of the flow-matching step.
+the memory of the flow-matching step. ``dit_s_2`` is the DiT-S/2 block stack on 16x16x4 latents
+(``bench/networks.py``; MeanFlow's second time input is the DiT's ``time_inputs=2``).
 
 Commands (from the repository root)::
 
-    python bench/jvp_cost.py                  # digits and cifar_small, 5 rounds
+    python bench/jvp_cost.py                  # digits, cifar_small and dit_s_2, 5 rounds
     python bench/jvp_cost.py --quick          # smoke run
     python bench/jvp_cost.py --configs ddpm_cifar10 --conv-backward xla   # accelerators
 
@@ -28,7 +29,7 @@ from networks import STEPS_PER_SAMPLE, jax_train_step
 
 def main():
     p = bu.parser(__doc__)
-    p.add_argument("--configs", default="digits,cifar_small", help="networks of bench/networks.py")
+    p.add_argument("--configs", default="digits,cifar_small,dit_s_2", help="networks of bench/networks.py")
     p.add_argument("--conv-backward", default="taps", choices=("taps", "xla"), help="the UNet's convolution rule")
     args = p.parse_args()
     from jaxdiff import objectives

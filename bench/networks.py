@@ -19,6 +19,7 @@ name               preset            overrides                                  
                                      dropout=0.0``
 ``ddpm_cifar10``   ``ddpm_cifar10``  none (Ho et al. 2020)                                  35.7M
 ``tiny``           ``tiny``          ``num_classes=10``                                      0.18M
+``dit_s_2``        ``dit_s_2``       ``num_classes=1000`` (DiT-S/2 on 16x16x4 latents)       32.9M
 =================  ================  =====================================================  ======
 
 ``digits_x10`` is the network that the first benchmark tables (2026-11-23) called "digits":
@@ -73,6 +74,8 @@ NETWORKS: dict[str, BenchNet] = {
                  "Ho et al. (2020) CIFAR-10 model, batch 128: for accelerators"),
         BenchNet("tiny", "tiny", {"num_classes": 10}, (8, 8, 1), 8,
                  "the tests' preset, class-conditional: for compilation counts"),
+        BenchNet("dit_s_2", "dit_s_2", {"num_classes": 1000}, (16, 16, 4), 8,
+                 "DiT-S/2 (width 384, 12 blocks, 6 heads) on 16x16x4 latents (64 tokens), 1000 classes, batch 8"),
     )
 }
 
@@ -85,7 +88,7 @@ def get(name: str) -> BenchNet:
 
 def build(net: BenchNet, dtype: str = "float32", remat: bool = False, conv_backward: str = "taps",
           time_inputs: int = 1):
-    """The jaxdiff UNet of ``net``: ``get_model(net.preset, **net.overrides)``."""
+    """The jaxdiff network (UNet or DiT) of ``net``: ``get_model(net.preset, **net.overrides)``."""
     import jax.numpy as jnp
 
     from jaxdiff.models import get_model
@@ -171,10 +174,11 @@ def library_generate(model, image_shape: tuple[int, int, int], *, sampler: str, 
 
 
 def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: bool = False,
-                   donate: bool = True, conv_backward: str = "taps", objective=None):
+                   donate: bool = True, conv_backward: str = "taps", objective=None, model=None):
     """The library's train step of ``net`` under ``jax.jit`` (state donated unless ``donate=False``):
     Adam 2e-4 with global-norm clipping 1.0, EMA 0.9999, label dropout 0.1 when conditional;
-    ``objective`` as :func:`library_train_step` (the network gets its ``time_inputs``).
+    ``objective`` as :func:`library_train_step` (the network gets its ``time_inputs``). ``model``:
+    the network to train in place of :func:`build`'s (e.g. ``net``'s with other fields).
 
     Returns ``(run, info)``: ``run(k)`` does ``k`` train steps and blocks; ``info`` has the
     parameter count, the XLA FLOPs of one step, the compiled program's memory (``temp_bytes``:
@@ -186,8 +190,9 @@ def jax_train_step(net: BenchNet, batch: int, *, dtype: str = "float32", remat: 
     from jaxdiff.models import count_params
     from jaxdiff.training.state import make_optimizer
 
-    model = build(net, dtype=dtype, remat=remat, conv_backward=conv_backward,
-                  time_inputs=getattr(objective, "time_inputs", 1))
+    if model is None:
+        model = build(net, dtype=dtype, remat=remat, conv_backward=conv_backward,
+                      time_inputs=getattr(objective, "time_inputs", 1))
     tx = make_optimizer(2e-4, warmup_steps=0, grad_clip=1.0)
     t0 = time.perf_counter()
     state = jax.block_until_ready(init_train_state(model, tx, net.image_shape, net.num_classes))

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-for name in train_throughput jvp_cost autoencoder conv_backward sampling scheduler_overhead efficiency compile_cost quality oracle_table speed_options rng fsdp; do
+for name in train_throughput dit_step jvp_cost autoencoder conv_backward sampling scheduler_overhead efficiency compile_cost quality oracle_table speed_options rng fsdp; do
   echo "=== bench/${name}.py $* (load: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a))"
   "$PY" "bench/${name}.py" "$@"
 done

@@ -36,6 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.scale_shift = placeholder(bool)
     config.model.num_heads = placeholder(int)
     config.model.norm_groups = placeholder(int)  # every GroupNorm's groups (the digits preset: 16)
+    # A DiT preset's block options (jaxdiff.models.dit); None keeps the preset's (the paper's block).
+    config.model.norm = placeholder(str)  # layernorm | rmsnorm
+    config.model.qk_norm = placeholder(bool)  # RMSNorm on q and k per head
+    config.model.mlp = placeholder(str)  # gelu | swiglu
+    config.model.rope = placeholder(bool)  # 2-D rotary positions on q and k (sin-cos positions kept)
     config.model.class_conditional = False  # labels -> the UNet's class embedding (+ null label)
     config.model.dtype = placeholder(str)  # removed: set train.compute_dtype (setting this raises)
     config.model.remat = False

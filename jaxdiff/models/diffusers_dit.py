@@ -40,6 +40,8 @@ DEFAULTS = {
 }
 _ONLY = {"norm_type": ("ada_norm_zero",), "activation_fn": ("gelu-approximate",), "attention_bias": (True,),
          "norm_elementwise_affine": (False,), "upcast_attention": (False, True)}
+# The DiT block options that diffusers' class lacks, at the only values it holds (export refuses others).
+_PLAIN_BLOCK = {"norm": "layernorm", "qk_norm": False, "mlp": "gelu", "rope": False}
 _EMB = "transformer_blocks.{i}.norm1.emb."
 _EMBEDDERS = {  # jaxdiff path -> diffusers' name inside block i's embedder copy
     ("t_embedder_mlp_0",): "timestep_embedder.linear_1", ("t_embedder_mlp_1",): "timestep_embedder.linear_2",
@@ -108,6 +110,10 @@ def config_from_dit(model: DiT, in_channels: int, sample_size: int | None) -> di
         raise ValueError(f"num_classes=None: {CLASS_NAME} (ada_norm_zero) always has a label table")
     if model.mlp_ratio != 4:
         raise ValueError(f"mlp_ratio={model.mlp_ratio}: {CLASS_NAME}'s feed-forward is 4x wide")
+    for field, plain in _PLAIN_BLOCK.items():
+        if getattr(model, field) != plain:
+            raise ValueError(f"{field}={getattr(model, field)!r}: {CLASS_NAME} has only the original DiT block "
+                             f"(export needs {field}={plain!r})")
     if sample_size is None:
         if lay.pos_grid is None:
             raise ValueError("sample_size is needed: the model has no layout.pos_grid")

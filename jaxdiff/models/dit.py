@@ -15,6 +15,15 @@ null label, for classifier-free guidance). ``depth`` blocks, each
 with the six modulations a zero-initialised linear map of ``SiLU(c)`` (adaLN-Zero: every block
 starts as the identity), then the final adaLN layer (zero-initialised linear) and unpatchify.
 
+Optional block choices of SiT / LightningDiT (Yao et al. 2025), all off by default (the paper's
+DiT, and the only one diffusers holds: :func:`~jaxdiff.models.to_diffusers` refuses the others,
+naming the field): ``norm="rmsnorm"`` (:class:`RMSNorm`, parameter-free as the LayerNorms it
+replaces: adaLN supplies the scale), ``qk_norm`` (RMSNorm with a learned ``[head_dim]`` scale on
+q and k of every head, before RoPE), ``mlp="swiglu"`` (:func:`swiglu_hidden` units,
+``fc2(SiLU(a) * b)`` with ``[a, b] = fc1(x)``) and ``rope`` (2-D rotary positions on q and k,
+:func:`rope_2d_angles` / :func:`apply_rope`). With ``rope`` the absolute sin-cos positions are
+kept, as LightningDiT keeps them.
+
 The details that the original code fixes and diffusers' ``DiTTransformer2DModel`` varies are
 :class:`DiTLayout`. **Native models and the presets use the original DiT's**
 (``freq_shift=0``: timestep frequencies ``exp(-ln(10^4) i / 128)``; LayerNorm epsilon ``1e-6``
@@ -48,9 +57,13 @@ import numpy as np
 from jaxdiff.models.conv import conv_for
 from jaxdiff.models.layers import check_call, dropout_salt, example_dropout, timestep_embedding
 
-__all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "DiTLayout", "check_patch_size", "sincos_2d"]
+__all__ = ["DIT_PRESETS", "MLPS", "NORMS", "DiT", "DiTBlock", "DiTLayout", "RMSNorm", "apply_rope",
+           "check_patch_size", "rope_2d_angles", "sincos_2d", "swiglu_hidden"]
 
 FREQ_DIM = 256  # the timestep embedding's width before the MLP (the paper's)
+NORMS = ("layernorm", "rmsnorm")  # DiT.norm
+MLPS = ("gelu", "swiglu")  # DiT.mlp
+ROPE_THETA = 10000.0  # the rotary frequencies' base (LightningDiT's, from EVA-02)
 
 
 class DiTLayout(NamedTuple):
@@ -100,10 +113,66 @@ def check_patch_size(size: int, patch_size: int, what: str = "x") -> None:
         raise ValueError(f"DiT: {what} size {size} is not divisible by patch_size={patch_size}")
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + epsilon)`` (times a learned scale, initialised
+    to 1, when ``use_scale``); any shape ``[..., D]``, statistics in float32, output in ``dtype``."""
+
+    epsilon: float = 1e-6
+    use_scale: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        if self.use_scale:
+            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+            y = y * scale.reshape((1,) * (x.ndim - 1) + (-1,))
+        return y.astype(self.dtype)
+
+
+def swiglu_hidden(hidden_size: int, mlp_ratio: float) -> int:
+    """SwiGLU's hidden units: ``int(2/3 * int(hidden_size * mlp_ratio))`` (LightningDiT's rounding, which
+    keeps the parameters of the 4x GELU MLP: DiT-S's 384 wide: 1024)."""
+    return int(2 / 3 * int(hidden_size * mlp_ratio))
+
+
+def rope_2d_angles(head_dim: int, h: int, w: int) -> np.ndarray:
+    """The rotation angles ``[h * w, head_dim / 2]`` (float64, row-major grid) of 2-D RoPE.
+
+    Pair ``k`` of a head's channels (``(x_{2k}, x_{2k+1})``, interleaved as EVA-02 / LightningDiT)
+    turns by ``i * omega_k`` for the first ``head_dim / 4`` pairs (the token's row ``i``) and by
+    ``j * omega_{k - head_dim / 4}`` for the rest (its column ``j``), ``omega_k = 10000^(-k / (head_dim / 4))``.
+    """
+    if head_dim % 4:
+        raise ValueError(f"rope_2d_angles: head_dim must be divisible by 4, got {head_dim}")
+    omega = ROPE_THETA ** (-np.arange(head_dim // 4, dtype=np.float64) / (head_dim // 4))
+    ii, jj = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    return np.concatenate([ii.reshape(-1, 1) * omega, jj.reshape(-1, 1) * omega], axis=1)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotate ``x [..., N, heads, head_dim]``: channel pair ``k`` of token ``n`` by ``angles [N, head_dim / 2]``
+    (``(a, b) -> (a cos - b sin, a sin + b cos)``), in float32; output in ``x``'s dtype."""
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    lead = (1,) * (x.ndim - 3) + (angles.shape[0], 1, angles.shape[1])  # [..., N, 1, head_dim / 2]
+    cos, sin = jnp.cos(angles).reshape(lead), jnp.sin(angles).reshape(lead)
+    a, b = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
 _xavier = nn.initializers.xavier_uniform()
 # The reference code's patch kernel init: Xavier-uniform of the kernel seen as a [p*p*C, D] matrix.
 _patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
 _zeros = nn.initializers.zeros
+
+
+def _block_norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
+    """The parameter-free normalisation of a DiT block (``kind``: ``"layernorm"`` or ``"rmsnorm"``)."""
+    if kind == "rmsnorm":
+        return RMSNorm(eps, use_scale=False, dtype=dtype, name=name)
+    return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, dtype=dtype, name=name)
 
 
 class DiTBlock(nn.Module):
@@ -112,6 +181,8 @@ class DiTBlock(nn.Module):
     ``dropout`` acts on the attention output and on the MLP's hidden layer; with ``dropout_keys``
     (``[B]`` typed keys) and ``train``, each example's masks come from its own key
     (:func:`~jaxdiff.models.layers.example_dropout`), else from the ``"dropout"`` rng.
+    ``norm``, ``qk_norm``, ``mlp``: see :class:`DiT`; ``rope_grid``: ``(h, w)``, the patch grid of
+    the tokens for 2-D RoPE (``None``: none).
     """
 
     num_heads: int
@@ -119,6 +190,10 @@ class DiTBlock(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     mlp_norm_eps: float = 1e-6
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    rope_grid: tuple[int, int] | None = None
 
     def _dropout(self, h, train, dropout_keys, name):
         if train and dropout_keys is not None:
@@ -136,17 +211,30 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 6, axis=-1)
 
         def norm(name, eps):
-            return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, dtype=dt, name=name)
+            return _block_norm(self.norm, eps, dt, name)
 
         a = norm("norm1", 1e-6)(h) * (1 + scale_msa) + shift_msa
         heads, hd = self.num_heads, d // self.num_heads
         qkv = nn.Dense(3 * d, dtype=dt, kernel_init=_xavier, name="qkv")(a).reshape(b, n, 3, heads, hd)
-        a = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=hd**-0.5)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
+        if self.qk_norm:
+            q = RMSNorm(1e-6, use_scale=True, dtype=dt, name="q_norm")(q)
+            k = RMSNorm(1e-6, use_scale=True, dtype=dt, name="k_norm")(k)
+        if self.rope_grid is not None:
+            angles = jnp.asarray(rope_2d_angles(hd, *self.rope_grid), jnp.float32)
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        a = jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5)
         a = nn.Dense(d, dtype=dt, kernel_init=_xavier, name="proj")(a.reshape(b, n, d))
         h = h + gate_msa * self._dropout(a, train, dropout_keys, "attn_dropout")
 
         m = norm("norm2", self.mlp_norm_eps)(h) * (1 + scale_mlp) + shift_mlp
-        m = nn.gelu(nn.Dense(int(d * self.mlp_ratio), dtype=dt, kernel_init=_xavier, name="fc1")(m), approximate=True)
+        if self.mlp == "swiglu":
+            units = swiglu_hidden(d, self.mlp_ratio)
+            gate, value = jnp.split(nn.Dense(2 * units, dtype=dt, kernel_init=_xavier, name="fc1")(m), 2, axis=-1)
+            m = nn.silu(gate) * value
+        else:
+            m = nn.gelu(nn.Dense(int(d * self.mlp_ratio), dtype=dt, kernel_init=_xavier, name="fc1")(m),
+                        approximate=True)
         m = self._dropout(m, train, dropout_keys, "mlp_dropout")
         m = nn.Dense(d, dtype=dt, kernel_init=_xavier, name="fc2")(m)
         return h + gate_mlp * m
@@ -165,6 +253,10 @@ class DiT(nn.Module):
     ``patch_size=1``, a strided convolution is XLA's own). ``time_inputs=2`` takes ``t`` ``[B, 2]``
     (MeanFlow's ``(t, t - r)``): the second column gets its own timestep MLP (``t_embedder2``),
     added to the first's. ``layout``: :class:`DiTLayout` (default: the original code's).
+
+    Block options (module docstring; the defaults are the paper's): ``norm`` (``"layernorm"`` or
+    ``"rmsnorm"``: the blocks' and the final layer's normalisation), ``qk_norm``, ``mlp``
+    (``"gelu"`` or ``"swiglu"``), ``rope`` (needs ``hidden_size / num_heads`` divisible by 4).
 
     Parameters: ``patch_embed`` (conv ``[p, p, C, D]``), ``t_embedder`` (``mlp_0``, ``mlp_1``),
     ``y_embedder`` (``[num_classes + 1, D]``), ``block_{i}`` (``adaLN_modulation``, ``qkv``,
@@ -187,6 +279,10 @@ class DiT(nn.Module):
     conv_backward: str = "xla"
     time_inputs: int = 1
     layout: DiTLayout = DiTLayout()
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    rope: bool = False
 
     def _check_inputs(self, x, t, y, dropout_keys) -> None:
         if self.time_inputs not in (1, 2):
@@ -198,6 +294,16 @@ class DiT(nn.Module):
         check_patch_size(x.shape[2], self.patch_size, "x width")
         if self.hidden_size % 4:
             raise ValueError(f"DiT: hidden_size must be divisible by 4 (2-D sin-cos positions), got {self.hidden_size}")
+        if self.norm not in NORMS:
+            raise ValueError(f"DiT: norm must be one of {NORMS}, got {self.norm!r}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"DiT: mlp must be one of {MLPS}, got {self.mlp!r}")
+        for flag in ("qk_norm", "rope"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"DiT: {flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.rope and (self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4):
+            raise ValueError(f"DiT: rope=True needs hidden_size / num_heads divisible by 4 (half the head for rows, "
+                             f"half for columns), got hidden_size={self.hidden_size}, num_heads={self.num_heads}")
 
     def _time_mlp(self, t: jax.Array, name: str) -> jax.Array:
         e = timestep_embedding(t, FREQ_DIM, flip_sin_to_cos=True, freq_shift=self.layout.freq_shift)
@@ -238,13 +344,14 @@ class DiT(nn.Module):
         block_cls = nn.remat(DiTBlock, static_argnums=(3,)) if self.remat else DiTBlock
         for i in range(self.depth):
             block = block_cls(self.num_heads, self.mlp_ratio, self.dropout, dt, self.layout.mlp_norm_eps,
-                              name=f"block_{i}")
+                              norm=self.norm, qk_norm=self.qk_norm, mlp=self.mlp,
+                              rope_grid=(gh, gw) if self.rope else None, name=f"block_{i}")
             h = block(h, cond, train, dropout_keys)
 
         out_ch = (self.out_channels if self.out_channels is not None else c_in) * (2 if self.learn_sigma else 1)
         mod = nn.Dense(2 * d, dtype=dt, kernel_init=_zeros, name="final_adaLN")(nn.silu(cond))
         shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
-        h = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dt, name="final_norm")(h)
+        h = _block_norm(self.norm, 1e-6, dt, "final_norm")(h)
         h = h * (1 + scale) + shift
         h = nn.Dense(p * p * out_ch, dtype=dt, kernel_init=_zeros, name="final_linear")(h)  # [B, N, p*p*C_out]
         h = h.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)

@@ -18,7 +18,8 @@ import optax
 
 from jaxdiff import data, latents, objectives, posthoc_ema, schedules
 from jaxdiff.metrics.stats import FEATURES
-from jaxdiff.models import PRESETS, UNet, check_model_image_size, get_model
+from jaxdiff.models import PRESETS, DiT, UNet, check_model_image_size, get_model
+from jaxdiff.models.dit import MLPS, NORMS
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MIN_SHARDED_SIZE, MODES, DataParallel, mesh_shape
@@ -27,7 +28,7 @@ from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
 __all__ = ["Run", "resolve", "validate_config", "compute_dtype", "make_schedule", "make_model", "get_config",
-           "SCHEDULES", "OBJECTIVES", "MODEL_OVERRIDES", "make_parallel"]
+           "SCHEDULES", "OBJECTIVES", "MODEL_OVERRIDES", "DIT_OVERRIDES", "make_parallel"]
 
 OBJECTIVES = objectives.names()
 # config.train.compute_dtype / param_dtype: the network's computation dtype and its parameters' (the
@@ -40,6 +41,8 @@ CONV_BACKWARDS = ("auto", "xla", "taps")
 # config.model fields that override the preset's UNet fields when set (None: the preset's value).
 MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "scale_shift", "num_heads",
                    "norm_groups")
+# config.model fields that set a DiT preset's block options (jaxdiff.models.dit; None: the preset's value).
+DIT_OVERRIDES = ("norm", "qk_norm", "mlp", "rope")
 
 
 def _fail(setting: str, value, why: str):
@@ -197,6 +200,13 @@ def validate_config(config, *, num_devices: int | None = None) -> objectives.Obj
               f"(train.global_batch_size={tr.global_batch_size} over {num_devices} devices)")
     if not tr.get("peak_flops", 0.0) >= 0:
         _fail("train.peak_flops", tr.peak_flops, "must be >= 0 (0: from the device's kind)")
+    dit_set = [k for k in DIT_OVERRIDES if md.get(k) is not None]
+    preset = md.get("preset") or "digits"
+    if dit_set and PRESETS[preset].func is not DiT:
+        _fail(f"model.{dit_set[0]}", md[dit_set[0]], f"is a DiT block option; model.preset={preset!r} is not a DiT")
+    for name, allowed in (("norm", NORMS), ("mlp", MLPS)):  # qk_norm and rope: bool placeholders
+        if md.get(name) is not None and md[name] not in allowed:
+            _fail(f"model.{name}", md[name], f"must be one of {allowed}")
     if md.get("conv_backward", "auto") not in CONV_BACKWARDS:
         _fail("model.conv_backward", md.conv_backward, f"must be one of {CONV_BACKWARDS}")
     if config.get("eval") is not None:
@@ -264,7 +274,7 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool,
     ``time_inputs`` are the objective's (:class:`jaxdiff.objectives.Objective`); ``dtype``: the
     computation dtype (:func:`compute_dtype`: ``config.train.compute_dtype``).
     """
-    overrides = {k: model_config.get(k) for k in MODEL_OVERRIDES if model_config.get(k) is not None}
+    overrides = {k: model_config.get(k) for k in MODEL_OVERRIDES + DIT_OVERRIDES if model_config.get(k) is not None}
     for k in ("ch_mult", "attn_resolutions"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
