@@ -186,10 +186,11 @@ def test_a_new_objective_plugs_into_the_train_step(monkeypatch):
 
 
 def test_the_train_step_has_four_arguments_and_the_loop_none_of_an_objective_s_settings():
-    """``train_step(state, batch, key, objective)``: nothing else but the mapped axis."""
+    """``train_step(state, batch, key, objective)``: nothing else but the mapped axis and the gradient
+    accumulation (a setting of the step, not of an objective)."""
     import inspect
 
     params = inspect.signature(train_step).parameters
     assert list(params)[:4] == ["state", "batch", "root_key", "objective"]
-    assert [p for p in params if params[p].kind is inspect.Parameter.KEYWORD_ONLY] == ["axis_name"]
+    assert [p for p in params if params[p].kind is inspect.Parameter.KEYWORD_ONLY] == ["axis_name", "microbatches"]
     assert functools.partial(train_step, objective=objectives.FlowMatching())  # bindable as the loop does
