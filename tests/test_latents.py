@@ -253,7 +253,8 @@ def test_a_latent_run_trains_samples_decodes_and_scores_end_to_end(vae, encoded,
 
 
 def test_the_digits_network_pools_8k_images_to_8x8():
-    from jaxdiff.training.quality import check_digits_shape, load_feature_network
+    from jaxdiff.metrics.digits import check_digits_shape
+    from jaxdiff.training.quality import load_feature_network
 
     net = load_feature_network("digits")
     small = data.from_uint8(data.load_digits().images[:20])

@@ -41,6 +41,7 @@ from jaxdiff import checks
 from jaxdiff.metrics import fid
 
 __all__ = [
+    "check_digits_shape",
     "FEATURE_DIM",
     "HELDOUT_SIZE",
     "WEIGHTS_PATH",
@@ -53,6 +54,18 @@ __all__ = [
     "save_params",
     "train_classifier",
 ]
+
+
+def check_digits_shape(image_shape) -> int:
+    """The factor ``k`` by which the digits network average-pools ``(8k, 8k, 1)`` images to its 8x8x1 input
+    (``k = 1``: 8x8 digits as they are; e.g. decoded 32x32 samples of digits upsampled for a latent run
+    give ``k = 4``). ``ValueError`` for any other shape."""
+    h, w, c = tuple(image_shape)
+    if c != 1 or h != w or h % 8:
+        raise ValueError(f"the digits network takes 8x8x1 images (or 8k x 8k x 1, average-pooled to 8x8); this run "
+                         f"makes {tuple(image_shape)}")
+    return h // 8
+
 
 FEATURE_DIM = 64
 HELDOUT_SIZE = 360

@@ -33,6 +33,7 @@ from jaxdiff.training import images as imgs
 from jaxdiff.training.preemption import Stopped, StopSignals
 from jaxdiff.training.setup import make_parallel, resolve
 from jaxdiff.training.step import train_step
+from jaxdiff.training.workdir import load_workdir
 
 __all__ = ["train_and_evaluate", "MetricsWriter"]
 
@@ -157,7 +158,8 @@ def train_and_evaluate(config, workdir: str, *, handle_signals: bool = True,
 def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
     is_main = jax.process_index() == 0
     tr, sm = config.train, config.sample
-    run = resolve(config, num_devices=jax.device_count())  # every check, before anything is written
+    # every check, before anything is written
+    run = resolve(config, num_devices=jax.device_count(), load_workdir=load_workdir)
     par = make_parallel(config)
     resume.check_writable(workdir)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)

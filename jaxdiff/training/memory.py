@@ -130,9 +130,10 @@ def plan(config, *, devices: Sequence[jax.Device] | None = None, compile: bool =
     """
     from jaxdiff.training.setup import make_parallel, resolve
     from jaxdiff.training.step import train_step
+    from jaxdiff.training.workdir import load_workdir
 
     par = make_parallel(config, devices)
-    run = resolve(config, num_devices=par.num_devices)
+    run = resolve(config, num_devices=par.num_devices, load_workdir=load_workdir)
     key = jax.random.key(config.seed)
     state = par.abstract_state(jax.eval_shape(state_initializer(run), key))
     compiled = None

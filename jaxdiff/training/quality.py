@@ -39,12 +39,13 @@ from tqdm import tqdm
 
 from jaxdiff import data
 from jaxdiff.metrics import digits, fid, inception
+from jaxdiff.metrics.digits import check_digits_shape
 from jaxdiff.metrics.stats import FEATURES, load_features
 from jaxdiff.training import images as imgs
 from jaxdiff.training.parallel import DataParallel
 from jaxdiff.training.sampling import Sampling
 
-__all__ = ["FEATURES", "FeatureNetwork", "check_digits_shape", "Generated", "Reference", "evaluate_quality",
+__all__ = ["FEATURES", "FeatureNetwork", "Generated", "Reference", "evaluate_quality",
            "generated_features", "load_feature_network", "load_reference", "quality_metrics", "training_evaluator",
            "TrainingEvaluator"]
 
@@ -60,17 +61,6 @@ class FeatureNetwork:
     fn: Callable[[np.ndarray], np.ndarray]
     dim: int
     sha256: str  # of the weights file
-
-
-def check_digits_shape(image_shape) -> int:
-    """The factor ``k`` by which the digits network average-pools ``(8k, 8k, 1)`` images to its 8x8x1 input
-    (``k = 1``: 8x8 digits as they are; e.g. decoded 32x32 samples of digits upsampled for a latent run
-    give ``k = 4``). ``ValueError`` for any other shape."""
-    h, w, c = tuple(image_shape)
-    if c != 1 or h != w or h % 8:
-        raise ValueError(f"the digits network takes 8x8x1 images (or 8k x 8k x 1, average-pooled to 8x8); this run "
-                         f"makes {tuple(image_shape)}")
-    return h // 8
 
 
 def _digits_input(fn: Callable) -> Callable:

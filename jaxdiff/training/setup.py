@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import optax
 
 from jaxdiff import data, latents, objectives, posthoc_ema, schedules
+from jaxdiff.metrics.digits import check_digits_shape
 from jaxdiff.metrics.stats import FEATURES
 from jaxdiff.models import PRESETS, DiT, UNet, check_model_image_size, get_model
 from jaxdiff.models.dit import MLPS, NORMS
 from jaxdiff.objectives.diffusion import SCHEDULES, schedule_from_config
 from jaxdiff.samplers import registry
 from jaxdiff.training.parallel import MIN_SHARDED_SIZE, MODES, DataParallel, mesh_shape
-from jaxdiff.training.quality import check_digits_shape
 from jaxdiff.training.sampling import Sampling, check_overrides, network
 from jaxdiff.training.state import make_optimizer
 
@@ -293,11 +293,12 @@ def make_model(model_config, *, num_classes: int | None, learned_variance: bool,
     )
 
 
-def resolve(config, *, num_devices: int | None = None) -> Run:
+def resolve(config, *, num_devices: int | None = None, load_workdir=None) -> Run:
     """Validates ``config`` and derives the run's facts (reads the dataset's metadata, builds nothing heavy).
 
     A training run (``num_devices`` given) also loads what its objective needs only to train
-    (:meth:`jaxdiff.objectives.Objective.for_run`: a distillation teacher)."""
+    (:meth:`jaxdiff.objectives.Objective.for_run`: a distillation teacher, read by ``load_workdir``,
+    :func:`jaxdiff.training.workdir.load_workdir`, which the training loop passes in)."""
     objective = validate_config(config, num_devices=num_devices)
     dt = config.data
     manifest, vae = None, ""
@@ -325,12 +326,8 @@ def resolve(config, *, num_devices: int | None = None) -> Run:
     if config.model.class_conditional and info.num_classes is None:
         _fail("model.class_conditional", True, f"dataset {info.name!r} has no labels")
     num_classes = info.num_classes if config.model.class_conditional else None
-    training = num_devices is not None
-    load = None
-    if training:  # the one workdir loader, for objectives that read another run (workdir imports this module)
-        from jaxdiff.training.workdir import load_workdir as load
-    objective = objective.for_run(config, image_shape=image_shape, num_classes=num_classes, training=training,
-                                  load_workdir=load)
+    objective = objective.for_run(config, image_shape=image_shape, num_classes=num_classes,
+                                  training=num_devices is not None, load_workdir=load_workdir)
     model = make_model(config.model, num_classes=num_classes, learned_variance=objective.learned_variance,
                        time_inputs=objective.time_inputs, dtype=compute_dtype(config))
     try:
