@@ -1,4 +1,4 @@
-"""Train a diffusion model.
+r"""Train a diffusion model.
 
     jaxdiff-train --config jaxdiff/configs/digits.py --workdir workdir/digits
 
