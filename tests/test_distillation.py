@@ -22,6 +22,7 @@ from jaxdiff.denoiser import Denoiser
 from jaxdiff.objectives.distillation import ConsistencyDistillation
 from jaxdiff.oracle import default_mixture
 from jaxdiff.samplers import karras
+from jaxdiff.training.workdir import load_workdir
 
 S, SMIN, SMAX = 0.7, 0.002, 80.0
 
@@ -190,7 +191,7 @@ def test_config_errors_name_the_distill_field(tmp_path):
         c.diffusion.objective, c.sample.sampler, c.sample.num_steps = "consistency_distillation", "consistency", 1
         c.distill[field] = value
         with pytest.raises(ValueError, match=match):
-            resolve(c, num_devices=1)
+            resolve(c, num_devices=1, load_workdir=load_workdir)
     # sampling a student (no training) needs no teacher
     assert resolve(config).objective.teacher is None
 
@@ -200,7 +201,6 @@ def test_a_workdir_teacher_is_checked_and_distils(tiny_workdir, tmp_path):
     and two training steps of a student run (its checkpoints hold no teacher parameters)."""
     from jaxdiff.training import loop
     from jaxdiff.training.setup import resolve
-    from jaxdiff.training.workdir import load_workdir
 
     from training_utils import final_params, tiny_config
 
@@ -213,8 +213,8 @@ def test_a_workdir_teacher_is_checked_and_distils(tiny_workdir, tmp_path):
     c = student()
     c.model.class_conditional, c.sample.guidance = False, 1.0
     with pytest.raises(ValueError, match="config.distill.teacher=.*num_classes=10; this run's has None"):
-        resolve(c, num_devices=1)
-    run = resolve(student(), num_devices=1)
+        resolve(c, num_devices=1, load_workdir=load_workdir)
+    run = resolve(student(), num_devices=1, load_workdir=load_workdir)
     assert run.objective.teacher is not None and run.objective.sigma_min > SMIN  # clipped to the schedule's range
     workdir = str(tmp_path / "student")
     loop.train_and_evaluate(student(num_steps=2, checkpoint_every=2), workdir)
@@ -234,7 +234,6 @@ def test_an_unsupported_or_mismatched_teacher_is_named(tmp_path, monkeypatch):
     import types
 
     from jaxdiff import objectives
-    from jaxdiff.training import workdir as workdir_lib
     from jaxdiff.training.setup import resolve
 
     from training_utils import tiny_config
@@ -245,9 +244,9 @@ def test_an_unsupported_or_mismatched_teacher_is_named(tmp_path, monkeypatch):
              (objectives.EDM(), (8, 8, 1), 3, "num_classes=3; this run's has 10")]
     for objective, shape, classes, match in cases:
         run = types.SimpleNamespace(objective=objective, image_shape=shape, num_classes=classes)
-        monkeypatch.setattr(workdir_lib, "load_workdir", lambda path, run=run: types.SimpleNamespace(run=run))
+        fake = lambda path, run=run: types.SimpleNamespace(run=run)
         c = tiny_config()
         c.diffusion.objective, c.sample.sampler, c.sample.num_steps = "consistency_distillation", "consistency", 1
         c.distill.teacher = str(tmp_path)
         with pytest.raises(ValueError, match="config.distill.teacher=.*" + match):
-            resolve(c, num_devices=1)
+            resolve(c, num_devices=1, load_workdir=fake)

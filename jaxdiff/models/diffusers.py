@@ -194,7 +194,7 @@ def from_diffusers(path: str) -> tuple[UNet | DiT | AutoencoderKL, dict]:
     ``model.shift_factor`` are the folder's (not applied by the model). Every tensor of
     the file fills a parameter and every parameter is filled, or ``ValueError`` names the leftovers.
 
-    ``path``: a folder, or a hub id already in the ``huggingface_hub`` cache (:func:`resolve_folder`).
+    ``path``: a folder, or a hub id already in the ``huggingface_hub`` cache (``resolve_folder`` of this module).
     """
     path = resolve_folder(path)
     config = _read_config(path)

@@ -103,7 +103,7 @@ class _Speed:
     def measure(self, compiled) -> None:
         """The FLOPs of the train step from its ``compiled`` program (``jax.stages.Compiled``)."""
         self.flops = 0.0
-        if self.peak is None:
+        if self.peak is None or compiled is None:
             return
         self.flops = throughput.step_flops(compiled, microbatches=self.microbatches) or 0.0
         if not self.flops:
@@ -179,7 +179,9 @@ def _train(config, workdir: str, stop: StopSignals, hooks: tuple = ()):
         resume.record_start(workdir, start, config_dict, changes)
 
     p_step = par.compile_step(functools.partial(train_step, objective=run.objective, microbatches=tr.microbatches))
-    compiled = p_step.lower(state, memory.abstract_batch(run, par), k_train).compile()
+    compiled = None  # a multi-process pmap step does not lower on abstract (global) batches: no peak, no MFU
+    if par.mode != "pmap" or jax.process_count() == 1:
+        compiled = p_step.lower(state, memory.abstract_batch(run, par), k_train).compile()
     report = memory.report(par, state, compiled)
     if is_main:
         memory.write(workdir, report)
